@@ -1,0 +1,158 @@
+"""`orthovision` command line: predict, init-checkpoint, serve. Thin wrappers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from orthovision.errors import InputError
+
+log = logging.getLogger("orthovision")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = PROJECT_ROOT / "models" / "default"
+EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 2
+
+
+def default_checkpoint() -> Path:
+    return Path(os.environ.get("ORTHOVISION_CHECKPOINT", DEFAULT_CHECKPOINT))
+
+
+def _out(line: str, stream=sys.stdout) -> None:
+    stream.write(line + "\n")
+    stream.flush()
+
+
+def _warn_if_untrained(card: dict) -> None:
+    if not card.get("trained", False):
+        _out(
+            "WARNING: this checkpoint has RANDOM, UNTRAINED weights: its outputs mean nothing "
+            "and every class is unvalidated. Train one with `orthovision train`.",
+            sys.stderr,
+        )
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from orthovision.checkpoint import load_checkpoint
+    from orthovision.pipeline import LocalPredictor
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    _warn_if_untrained(checkpoint.card)
+    predictor = LocalPredictor(checkpoint)
+    if args.explain:
+        args.explain.mkdir(parents=True, exist_ok=True)
+
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            _out(f"{path}: cannot read file: {exc.strerror}", sys.stderr)
+            status = EXIT_REJECTED
+            continue
+        try:
+            prediction, prepared = predictor.predict(data)
+        except InputError as exc:
+            status = EXIT_REJECTED
+            if args.json:
+                _out(json.dumps({"file": str(path), "error": exc.to_dict()}))
+            _out(f"{path}: rejected ({exc.code}): {exc.message}", sys.stderr)
+            continue
+        if args.explain:
+            from orthovision.explain import explain, overlay_png
+
+            target = predictor.cfg.model.classes.index(max(
+                prediction.probabilities, key=prediction.probabilities.get))
+            expl = explain(predictor.model, prepared.pixels, target_class=target)
+            out_png = args.explain / f"{path.stem}.gradcampp.png"
+            out_png.write_bytes(overlay_png(prepared.pixels[0], expl.heatmap,
+                                            predictor.cfg.explain.overlay_alpha))
+            prediction.explanation_url = out_png.resolve().as_uri()
+        if args.json:
+            _out(json.dumps({"file": str(path), **prediction.model_dump(mode="json")}))
+        else:
+            top = max(prediction.probabilities, key=prediction.probabilities.get)
+            shown = prediction.label or f"abstained ({prediction.abstain_reason})"
+            warnings = [f["message"] for f in prediction.quality.model_dump()["findings"]]
+            extra = f"; quality: {', '.join(warnings)}" if warnings else ""
+            _out(f"{path}: {shown}; top {top} p={prediction.probabilities[top]:.3f}{extra}")
+    return status
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+
+    from orthovision.checkpoint import save_checkpoint
+    from orthovision.config import OrthoVisionConfig
+    from orthovision.models import build_ensemble
+
+    cfg = OrthoVisionConfig.load(args.config)
+    torch.manual_seed(args.seed)
+    model = build_ensemble(cfg.model)
+    path = save_checkpoint(
+        model, cfg, args.out, validated_classes=[], trained=False,
+        data={"note": f"random initialisation, seed {args.seed}; trained on no data"},
+    )
+    _out(f"wrote untrained checkpoint to {path}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.run import run
+
+    return run(args.config)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from orthovision.render import render_all
+
+    for path in render_all(args.out):
+        _out(f"wrote {path}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthovision", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="classify radiographs (PNG, JPEG, DICOM)")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write GradCAM++ overlays here")
+    p.add_argument("--json", action="store_true", help="one JSON result per line (v1 API schema)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("init-checkpoint", help="write a randomly initialised checkpoint")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--config", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("serve", help="run the HTTP service on a local Ray")
+    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "deploy" / "local.yaml")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("render", help="write deploy/*.yaml from the config presets")
+    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "deploy")
+    p.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from orthovision.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except CheckpointError as exc:
+        _out(f"checkpoint error: {exc}", sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

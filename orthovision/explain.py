@@ -1,0 +1,163 @@
+"""GradCAM++ per branch (pytorch-grad-cam) and the fusion-weighted map, plus PNG overlays.
+
+The CAM hooks live on the shared model, so a replica explains one image at a time
+(STYLE.md). Explaining leaves no trace on the model: hooks are removed, train/eval flags,
+requires_grad flags and .grad are restored, and no parameter or BN statistic changes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAMPlusPlus
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from orthovision.models import Ensemble
+
+
+@dataclass
+class Explanation:
+    heatmap: np.ndarray  # (H, W) float32 in [0, 1], model input size, fusion-weighted
+    branch_heatmaps: dict[str, np.ndarray]  # name -> (H, W) float32 in [0, 1]
+    target_class: int
+    fusion_weights: dict[str, float]
+
+
+_TARGET_LAYERS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def target_layer_name(backbone: nn.Module, input_size: tuple[int, int] = (64, 64)) -> str:
+    """Name of the last top-level module with a spatial (B, C, h, w) output.
+
+    That is the feature map the global pool reads (GradCAM's "last conv layer"): resnet
+    `layer4`; efficientnet `bn2`, the BN + activation after `conv_head`, which is what gets
+    pooled, rather than timm's `feature_info[-1]` (`blocks.6`, before the 1x1 head conv).
+    Found by one small probe forward, so any timm CNN works; cached per backbone.
+    """
+    if backbone in _TARGET_LAYERS:
+        return _TARGET_LAYERS[backbone]
+    spatial: list[str] = []
+    handles = [
+        child.register_forward_hook(
+            lambda _m, _i, out, name=name: spatial.append(name)
+            if isinstance(out, torch.Tensor) and out.ndim == 4
+            else None
+        )
+        for name, child in backbone.named_children()
+    ]
+    param = next(backbone.parameters())
+    try:
+        with _eval_mode(backbone), torch.no_grad():
+            backbone(torch.zeros(1, 3, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not spatial:
+        # Fall back to timm's own record of its last feature stage.
+        info = getattr(backbone, "feature_info", None)
+        if not info:
+            raise ValueError(f"no spatial feature map found in {type(backbone).__name__}")
+        spatial.append(info[-1]["module"])
+    _TARGET_LAYERS[backbone] = spatial[-1]
+    return spatial[-1]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """eval() for the duration (no BN statistic updates, no dropout); restore each flag after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+@contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Gradients flow to the input, not into parameters: no .grad written, flags restored."""
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    for p, _, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad  # BaseCAM calls model.zero_grad(), which would drop them
+
+
+def _normalise(cam: np.ndarray) -> np.ndarray:
+    lo, hi = float(cam.min()), float(cam.max())
+    if hi - lo <= 1e-12:
+        return np.zeros_like(cam, dtype=np.float32)
+    return ((cam - lo) / (hi - lo)).astype(np.float32)
+
+
+def _as_batch(image_uint8: np.ndarray) -> torch.Tensor:
+    image = np.asarray(image_uint8)
+    if image.ndim == 2:
+        image = image[None]
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] != 1:
+        raise ValueError(f"expected uint8 (1, H, W) or (H, W), got {image.shape} {image.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(image))[None]
+
+
+def explain(
+    model: Ensemble, image_uint8: np.ndarray, target_class: int | None = None
+) -> Explanation:
+    """GradCAM++ of each branch for `target_class` (default: the fused prediction), fused
+    with the ensemble's fusion weights and rescaled to [0, 1]."""
+    x = _as_batch(image_uint8)
+    num_classes = len(model.cfg.classes)
+    if target_class is not None and not 0 <= target_class < num_classes:
+        raise ValueError(f"target_class {target_class} outside 0..{num_classes - 1}")
+    weights = dict(zip(model.branch_names, model.fusion_weights.float().tolist()))
+
+    with _eval_mode(model), _frozen_parameters(model), torch.inference_mode(False):
+        if target_class is None:
+            with torch.no_grad():
+                target_class = int(model(x).probabilities.argmax(dim=-1)[0])
+        targets = [ClassifierOutputTarget(target_class)]
+        branch_maps: dict[str, np.ndarray] = {}
+        for name, backbone in model.branches.items():
+            layer = backbone.get_submodule(target_layer_name(backbone))
+            # Input gradients keep the graph alive although parameters are frozen.
+            inputs = model.branch_input(name, x).requires_grad_(True)
+            with GradCAMPlusPlus(model=backbone, target_layers=[layer]) as cam, torch.enable_grad():
+                branch_maps[name] = _normalise(cam(input_tensor=inputs, targets=targets)[0])
+
+    fused = sum(weights[name] * cam for name, cam in branch_maps.items())
+    return Explanation(
+        heatmap=_normalise(np.asarray(fused)),
+        branch_heatmaps=branch_maps,
+        target_class=target_class,
+        fusion_weights=weights,
+    )
+
+
+def overlay_png(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> bytes:
+    """JET-coloured heat map blended over the greyscale image (alpha = heat map share), as PNG."""
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W) image, got {grey.shape} {grey.dtype}")
+    if heatmap.ndim != 2:
+        raise ValueError(f"expected a (h, w) heat map, got {heatmap.shape}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    h, w = grey.shape
+    heat = cv2.resize(heatmap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    heat_u8 = np.clip(heat * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    colour = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)
+    blended = cv2.addWeighted(colour, alpha, cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR), 1 - alpha, 0)
+    ok, png = cv2.imencode(".png", blended)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()

@@ -1,0 +1,60 @@
+"""Learned fusion of branch logits and the decision rule (pure functions: Ensemble and Serve share them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from orthovision.labels import CLASSES
+
+
+def fusion_weights_from_params(fusion_params: torch.Tensor) -> torch.Tensor:
+    """Softmax over the learnable per-branch parameters: positive weights summing to 1."""
+    return torch.softmax(fusion_params, dim=0)
+
+
+def fuse_logits(
+    branch_logits: Sequence[torch.Tensor], fusion_weights: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """(B, C) fused probabilities = sum_i w_i * softmax(logits_i / T).
+
+    Averaging probabilities (not logits) keeps each branch's calibration and matches the
+    paper's weighted soft voting.
+    """
+    if len(branch_logits) != fusion_weights.numel():
+        raise ValueError(f"{len(branch_logits)} branches but {fusion_weights.numel()} weights")
+    stacked = torch.stack([torch.softmax(lg.float() / temperature, dim=-1) for lg in branch_logits])
+    return torch.einsum("k,kbc->bc", fusion_weights.float().to(stacked.device), stacked)
+
+
+@dataclass(frozen=True)
+class Decision:
+    label: str | None  # None when abstaining
+    abstained: bool
+    reason: str | None
+    top_class: str
+    top_probability: float
+
+
+def decide(
+    probabilities: Sequence[float],
+    validated_classes: Sequence[str],
+    abstain_threshold: float,
+    classes: Sequence[str] = CLASSES,
+) -> Decision:
+    """Confidence-threshold reject rule (paper 5.3) plus medical honesty.
+
+    The service never presents a class the checkpoint has no validated training data for
+    as a finding: such a top class abstains with a reason instead.
+    """
+    top = max(range(len(classes)), key=lambda i: probabilities[i])
+    top_class, top_p = classes[top], float(probabilities[top])
+    if top_class not in validated_classes:
+        reason = f"top class {top_class!r} is not validated for this model"
+        return Decision(None, True, reason, top_class, top_p)
+    if top_p < abstain_threshold:
+        reason = f"confidence {top_p:.2f} below threshold {abstain_threshold:.2f}"
+        return Decision(None, True, reason, top_class, top_p)
+    return Decision(top_class, False, None, top_class, top_p)

@@ -1,0 +1,123 @@
+"""The road of one image, as plain functions: bytes -> Prepared (CPU stage) -> Prediction.
+
+Serve's deployments call the same functions stage by stage; the CLI and the naive
+benchmark baseline run them in one process through LocalPredictor.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from orthovision.checkpoint import Checkpoint
+from orthovision.config import FusionConfig, OrthoVisionConfig
+from orthovision.fusion import decide, fuse_logits
+from orthovision.io import decode_radiograph
+from orthovision.preprocess import Preprocessor
+from orthovision.quality import assess_quality
+from orthovision.schema import Prediction
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Output of the CPU stage: the uint8 model input plus what the result reports about it."""
+
+    pixels: np.ndarray  # (1, S, S) uint8
+    input_info: dict
+    quality: dict
+
+
+def prepare(data: bytes, cfg: OrthoVisionConfig, preprocessor: Preprocessor) -> Prepared:
+    """decode -> validate -> CLAHE/resize. Raises an InputError subclass for a bad input."""
+    decoded = decode_radiograph(data, cfg.decode, target_side=cfg.preprocess.image_size)
+    report = assess_quality(decoded, cfg.quality)
+    report.raise_if_rejected()
+    return Prepared(preprocessor(decoded.pixels), decoded.metadata(), report.to_dict())
+
+
+def model_info(card: Mapping) -> dict:
+    return {
+        "name": card["name"],
+        "version": card["version"],
+        "sha256": card["weights_sha256"],
+        "trained": bool(card.get("trained", False)),
+    }
+
+
+def assemble_prediction(
+    request_id: str,
+    prepared: Prepared,
+    branch_logits: Mapping[str, torch.Tensor | np.ndarray],
+    fusion_weights: Mapping[str, float],
+    temperature: float,
+    card: Mapping,
+    fusion_cfg: FusionConfig,
+    explanation_url: str | None = None,
+) -> Prediction:
+    """Fuse one image's branch logits (C,) into the v1 result, applying the decision rule."""
+    classes = list(card["classes"])
+    names = list(branch_logits)
+    logits = [torch.as_tensor(np.asarray(branch_logits[n]), dtype=torch.float32)[None] for n in names]
+    weights = torch.tensor([fusion_weights[n] for n in names])
+    fused = fuse_logits(logits, weights, temperature)[0].tolist()
+    branches = {
+        n: dict(zip(classes, torch.softmax(lg[0] / temperature, -1).tolist(), strict=True))
+        for n, lg in zip(names, logits, strict=True)
+    }
+    validated = list(card.get("validated_classes", []))
+    decision = decide(fused, validated, fusion_cfg.abstain_threshold, classes)
+    return Prediction(
+        request_id=request_id,
+        label=decision.label,
+        abstained=decision.abstained,
+        abstain_reason=decision.reason,
+        probabilities=dict(zip(classes, fused, strict=True)),
+        branches=branches,
+        fusion_weights=dict(fusion_weights),
+        validated_classes=validated,
+        quality=prepared.quality,
+        input=prepared.input_info,
+        model=model_info(card),
+        explanation_url=explanation_url,
+    )
+
+
+class LocalPredictor:
+    """Single-process inference with a loaded checkpoint (CLI, notebooks, the naive baseline)."""
+
+    def __init__(self, checkpoint: Checkpoint, fusion_cfg: FusionConfig | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.cfg = checkpoint.config
+        self.fusion_cfg = fusion_cfg or self.cfg.fusion
+        self.preprocessor = Preprocessor(self.cfg.preprocess)
+        self.model = checkpoint.model.eval()
+
+    @property
+    def temperature(self) -> float:
+        return self.fusion_cfg.temperature or float(self.model.temperature)
+
+    def prepare(self, data: bytes) -> Prepared:
+        return prepare(data, self.cfg, self.preprocessor)
+
+    @torch.inference_mode()
+    def predict_prepared(self, prepared: Prepared, request_id: str | None = None) -> Prediction:
+        out = self.model(torch.from_numpy(prepared.pixels)[None])
+        weights = self.model.fusion_weights.tolist()
+        names = list(out.branch_logits)
+        return assemble_prediction(
+            request_id or uuid.uuid4().hex,
+            prepared,
+            {n: out.branch_logits[n][0] for n in names},
+            dict(zip(names, weights, strict=True)),
+            self.temperature,
+            self.checkpoint.card,
+            self.fusion_cfg,
+        )
+
+    def predict(self, data: bytes, request_id: str | None = None) -> tuple[Prediction, Prepared]:
+        prepared = self.prepare(data)
+        return self.predict_prepared(prepared, request_id), prepared

@@ -1,0 +1,107 @@
+"""Pixel pipeline shared by training and serving: pure array functions, then one Preprocessor.
+
+Order matters for speed (DESIGN.md performance principles): the decoder already gave a
+small image (DCT-domain / J2K-level reduction), we shrink to the model size and only
+then run CLAHE, so CLAHE never touches a full-size radiograph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from orthovision.config import PreprocessConfig
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Linearly rescale any numeric greyscale array to uint8 over its own [min, max]."""
+    if image.dtype == np.uint8:
+        return image
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros(image.shape, np.uint8)
+    scaled = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def fit_within(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the longer side equals `size`, keeping aspect ratio (area filter when shrinking)."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_w, new_h) == (w, h):
+        return image
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    return cv2.resize(image, (new_w, new_h), interpolation=interp)
+
+
+def stretch_to(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize to size x size, ignoring aspect ratio."""
+    h, w = image.shape[:2]
+    if (h, w) == (size, size):
+        return image
+    interp = cv2.INTER_AREA if max(h, w) > size else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
+def pad_center(image: np.ndarray, size: int, value: int = 0) -> np.ndarray:
+    """Centre `image` on a size x size canvas filled with `value`."""
+    h, w = image.shape[:2]
+    top, left = (size - h) // 2, (size - w) // 2
+    return cv2.copyMakeBorder(
+        image, top, size - h - top, left, size - w - left, cv2.BORDER_CONSTANT, value=value
+    )
+
+
+def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (paper 4.3: clip 2.0, 8x8 tiles)."""
+    return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid)).apply(image)
+
+
+class Preprocessor:
+    """grey uint8 (H, W) of any size -> model input uint8 (1, S, S). Same code for train and serve."""
+
+    def __init__(self, cfg: PreprocessConfig | None = None) -> None:
+        self.cfg = cfg or PreprocessConfig()
+        self._clahe = cv2.createCLAHE(
+            clipLimit=self.cfg.clahe_clip_limit,
+            tileGridSize=(self.cfg.clahe_tile_grid, self.cfg.clahe_tile_grid),
+        )
+
+    def __call__(self, grey: np.ndarray) -> np.ndarray:
+        if grey.ndim != 2:
+            raise ValueError(f"expected a 2-D greyscale image, got shape {grey.shape}")
+        size = self.cfg.image_size
+        grey = to_uint8(grey)
+        if self.cfg.resize_mode == "stretch":
+            out = self._clahe.apply(stretch_to(grey, size))
+        else:
+            # CLAHE before padding so the black border does not skew the tile histograms.
+            out = pad_center(self._clahe.apply(fit_within(grey, size)), size, self.cfg.pad_value)
+        return np.ascontiguousarray(out[None])
+
+
+def to_model_input(
+    batch_uint8: torch.Tensor | np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """(B, 1, H, W) uint8 -> (B, 3, H, W) normalised float on `device`.
+
+    The uint8 payload travels (4x smaller than float32 x 3 channels); the cast, the channel
+    repeat and the backbone's own mean/std happen on the model's device.
+    """
+    x = torch.as_tensor(batch_uint8)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected uint8 (B, 1, H, W), got {tuple(x.shape)} {x.dtype}")
+    x = x.to(device=device, non_blocking=True).to(dtype).div_(255.0).expand(-1, 3, -1, -1)
+    mean_t = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

@@ -1,0 +1,62 @@
+"""The v1 prediction result (DESIGN.md HTTP contract). The CLI prints it; the HTTP API returns it."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    trained: bool
+
+
+class QualityFindingOut(BaseModel):
+    check: str
+    severity: str
+    message: str
+    value: float
+
+
+class QualityOut(BaseModel):
+    passed: bool
+    findings: list[QualityFindingOut]
+
+
+class InputInfo(BaseModel):
+    format: str
+    original_size: tuple[int, int] = Field(description="(width, height) as stored")
+    channels: int
+    modality: str | None = None
+    body_part: str | None = None
+    photometric: str | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    bits_stored: int | None = None
+    frames: int = 1
+    frame_index: int = 0
+    transfer_syntax: str | None = None
+
+
+class Prediction(BaseModel):
+    request_id: str
+    label: str | None = Field(description="predicted class; null when the model abstains")
+    abstained: bool
+    abstain_reason: str | None = None
+    probabilities: dict[str, float] = Field(description="calibrated fused probabilities")
+    branches: dict[str, dict[str, float]] = Field(description="per-backbone probabilities")
+    fusion_weights: dict[str, float]
+    validated_classes: list[str]
+    quality: QualityOut
+    input: InputInfo
+    model: ModelInfo
+    explanation_url: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,46 @@
+"""The typed application builder: `serve.app:build_app` (Serve config files, RayService)."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import BaseModel, Field
+from ray.serve import Application
+
+from orthovision.config import OrthoVisionConfig
+from orthovision.render import deployment_options
+from serve.backbone import Backbone
+from serve.explainer import Explainer
+from serve.fusion import Fusion
+from serve.ingress import Ingress
+from serve.preprocessor import PreprocessorDeployment
+
+log = logging.getLogger("ray.serve")
+
+
+class AppArgs(BaseModel):
+    config: OrthoVisionConfig = Field(default_factory=OrthoVisionConfig)
+
+
+def build_app(args: AppArgs | dict) -> Application:
+    """Bind every deployment with the options the one config gives it."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args or {})
+    cfg = args.config
+    s = cfg.serve
+    config = cfg.model_dump(mode="json")
+    preprocessor = PreprocessorDeployment.options(
+        name="Preprocessor", **deployment_options(s.preprocessor)).bind(config)
+    backbones = {
+        b.name: Backbone.options(
+            name=f"Backbone_{b.name}", user_config=s.batch.model_dump(),
+            **deployment_options(s.backbone),
+        ).bind(b.name, config)
+        for b in cfg.model.backbones
+    }
+    fusion = Fusion.options(
+        name="Fusion", user_config=cfg.fusion.model_dump(), **deployment_options(s.fusion)
+    ).bind(config)
+    explainer = Explainer.options(name="Explainer", **deployment_options(s.explainer)).bind(config)
+    return Ingress.options(name="Ingress", **deployment_options(s.ingress)).bind(
+        preprocessor, backbones, fusion, explainer, config)

@@ -1,0 +1,79 @@
+"""Backbone deployment: one class, bound once per backbone, with dynamic batching."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import torch
+from ray import serve
+
+from orthovision.checkpoint import load_checkpoint
+from orthovision.errors import InputError
+from orthovision.pipeline import Prepared
+from orthovision.preprocess import to_model_input
+from serve.metrics import metrics
+from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_device
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment
+class Backbone:
+    def __init__(self, branch: str, config: dict) -> None:
+        cfg = config_from(config)
+        self.branch = branch
+        self.device = pick_device(cfg.serve.device)
+        if self.device.type == "cpu":
+            limit_cpu_threads(cfg.serve.backbone.num_cpus)
+        else:
+            torch.backends.cudnn.benchmark = True
+        ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
+        norm = ckpt.model.norms[branch]
+        self.mean, self.std = norm.mean.tolist(), norm.std.tolist()
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.channels_last = True
+        self.model = ckpt.model.branches[branch].to(self.device, self.dtype)
+        self.model = self.model.to(memory_format=torch.channels_last).eval()
+        self.size = cfg.preprocess.image_size
+        self.reconfigure(cfg.serve.batch.model_dump())
+        self._warm_up(cfg.serve.batch.max_batch_size)
+        self.ready_since = time.time()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Batch knobs from user_config, applied without a restart."""
+        self.__call__.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.__call__.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    def _warm_up(self, batch_size: int) -> None:
+        # First calls pay for allocator growth and cudnn autotuning: do it before ready.
+        for n in {1, batch_size}:
+            self._infer(np.zeros((n, 1, self.size, self.size), np.uint8))
+
+    @torch.inference_mode()
+    def _infer(self, batch_uint8: np.ndarray) -> np.ndarray:
+        x = to_model_input(torch.from_numpy(batch_uint8), self.mean, self.std,
+                           device=self.device, dtype=self.dtype, channels_last=self.channels_last)
+        return self.model(x).float().cpu().numpy()
+
+    async def info(self) -> dict:
+        return {"branch": self.branch, "device": str(self.device), "loaded": True}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def __call__(self, items: list[Prepared | InputError]) -> list[np.ndarray | InputError]:
+        """Logits for the valid items; a bad item passes through and fails alone."""
+        results: list[np.ndarray | InputError] = list(items)
+        valid = [i for i, item in enumerate(items) if isinstance(item, Prepared)]
+        if not valid:
+            return results
+        started = time.perf_counter()
+        batch = np.stack([items[i].pixels for i in valid])
+        logits = await asyncio.to_thread(self._infer, batch)
+        for row, i in enumerate(valid):
+            results[i] = logits[row]
+        m = metrics()
+        m.batch_size.observe(len(valid), tags={"backbone": self.branch})
+        m.stage_latency.observe(time.perf_counter() - started, tags={"stage": f"backbone_{self.branch}"})
+        return results

@@ -1,0 +1,56 @@
+"""Explainer deployment: GradCAM++ off the request path, one explanation at a time per replica.
+
+pytorch-grad-cam hooks the shared model, so max_ongoing_requests is 1 (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from ray import serve
+
+from orthovision.checkpoint import load_checkpoint
+from orthovision.explain import explain, overlay_png
+from orthovision.pipeline import Prepared
+from serve.metrics import metrics
+from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_device
+from serve.store import open_store
+
+
+@serve.deployment
+class Explainer:
+    def __init__(self, config: dict) -> None:
+        self.cfg = config_from(config)
+        self.device = pick_device(self.cfg.serve.device)
+        if self.device.type == "cpu":
+            limit_cpu_threads(self.cfg.serve.explainer.num_cpus)
+        ckpt = load_checkpoint(checkpoint_path(self.cfg), expected_preprocess=self.cfg.preprocess)
+        # float32 even on CUDA: gradients of half-precision CAMs are too coarse.
+        self.model = ckpt.model.to(self.device).eval()
+        self.classes = list(ckpt.card["classes"])
+        self.store = open_store(self.cfg.serve.store_url)
+
+    def _explain(self, prepared: Prepared, target_class: int | None) -> tuple[dict, bytes]:
+        with torch.enable_grad():
+            result = explain(self.model, prepared.pixels, target_class=target_class)
+        png = overlay_png(prepared.pixels[0], result.heatmap, self.cfg.explain.overlay_alpha)
+        summary = {
+            "method": self.cfg.explain.method,
+            "target_class": self.classes[result.target_class],
+            "fusion_weights": result.fusion_weights,
+            "heatmap_size": list(result.heatmap.shape),
+        }
+        return summary, png
+
+    async def __call__(
+        self, explanation_id: str, prepared: Prepared, target_class: int | None = None
+    ) -> str:
+        started = time.perf_counter()
+        await self.store.mark_attempt(explanation_id)
+        summary, png = await asyncio.to_thread(self._explain, prepared, target_class)
+        await self.store.complete_explanation(explanation_id, summary, png)
+        metrics().explanation_latency.observe(time.perf_counter() - started)
+        metrics().explanations.inc(tags={"outcome": "done"})
+        return "done"

@@ -1,0 +1,47 @@
+"""Fusion deployment: learned weights from the checkpoint, calibrated probabilities, abstain rule."""
+
+from __future__ import annotations
+
+import numpy as np
+from ray import serve
+
+from orthovision.checkpoint import load_checkpoint
+from orthovision.config import FusionConfig
+from orthovision.errors import InputError
+from orthovision.pipeline import Prepared, assemble_prediction
+from serve.metrics import metrics
+from serve.runtime import checkpoint_path, config_from
+
+
+@serve.deployment
+class Fusion:
+    def __init__(self, config: dict) -> None:
+        cfg = config_from(config)
+        ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
+        self.card = ckpt.card
+        self.branches = [b.name for b in cfg.model.backbones]
+        weights = ckpt.model.fusion_weights.tolist()
+        self.fusion_weights = dict(zip(self.branches, weights, strict=True))
+        self.calibrated_temperature = float(ckpt.model.temperature)
+        del ckpt  # only the fusion weights and the card are needed here
+        self.reconfigure(cfg.fusion.model_dump())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Temperature and abstain threshold from user_config, applied without a restart."""
+        self.fusion_cfg = FusionConfig.model_validate(user_config)
+        self.temperature = self.fusion_cfg.temperature or self.calibrated_temperature
+
+    async def __call__(
+        self, request_id: str, prepared: Prepared | InputError, *branch_logits: np.ndarray
+    ) -> dict:
+        if isinstance(prepared, InputError):
+            return {"error": prepared.to_dict(), "status": prepared.http_status}
+        prediction = assemble_prediction(
+            request_id, prepared, dict(zip(self.branches, branch_logits, strict=True)),
+            self.fusion_weights, self.temperature, self.card, self.fusion_cfg,
+        )
+        metrics().predictions.inc(tags={"label": prediction.label or "abstained"})
+        return prediction.model_dump(mode="json")
+
+    async def model_card(self) -> dict:
+        return self.card

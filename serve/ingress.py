@@ -1,0 +1,276 @@
+"""HTTP ingress (FastAPI via @serve.ingress): routing, size limits, request ids, error mapping.
+
+The ingress never touches pixels: it chains DeploymentResponses (bytes -> Preprocessor ->
+both Backbones -> Fusion), so the uint8 payload travels between the workers only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from orthovision.errors import InputError, InputTooLarge
+from orthovision.schema import ErrorResponse, Prediction
+from serve.metrics import metrics
+from serve.runtime import config_from
+from serve.store import StoreUnavailable, open_store
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(
+    title="OrthoVision Serve",
+    version="1",
+    description="Second-opinion classification of bone radiographs (not a diagnosis).",
+)
+
+ERRORS = {
+    400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
+    422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+}
+RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
+
+
+def error_response(status: int, code: str, message: str, retry_after_s: int | None = None,
+                   request_id: str | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else {}
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@api.exception_handler(InputError)
+async def _input_error(_req: Request, exc: InputError) -> JSONResponse:
+    metrics().rejected.inc(tags={"reason": exc.code})
+    return error_response(exc.http_status, exc.code, exc.message)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors()[:5])
+    return error_response(422, "invalid_request", f"invalid request parameters: {fields}")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail))
+
+
+@api.exception_handler(BackPressureError)
+async def _overloaded(_req: Request, _exc: BackPressureError) -> JSONResponse:
+    return error_response(503, "overloaded", "the service is at capacity; retry later", 2)
+
+
+@api.exception_handler(StoreUnavailable)
+async def _store_down(_req: Request, _exc: StoreUnavailable) -> JSONResponse:
+    return error_response(503, "store_unavailable", "result store unavailable; retry later", 5)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused as soon as it passes max_bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise InputTooLarge(f"request body of {declared} bytes exceeds {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise InputTooLarge(f"request body exceeds {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        preprocessor: DeploymentHandle,
+        backbones: dict[str, DeploymentHandle],
+        fusion: DeploymentHandle,
+        explainer: DeploymentHandle,
+        config: dict,
+    ) -> None:
+        self.cfg = config_from(config)
+        self.preprocessor, self.backbones = preprocessor, backbones
+        self.fusion, self.explainer = fusion, explainer
+        self.store = open_store(self.cfg.serve.store_url)
+        self._explanations: set[asyncio.Task] = set()
+
+    # ---- the road of one image -------------------------------------------------------
+    async def _predict_bytes(self, data: bytes, request_id: str, want_explanation: bool) -> dict:
+        started = time.perf_counter()
+        prepared = self.preprocessor.remote(data)
+        logits = [handle.remote(prepared) for handle in self.backbones.values()]
+        result = await self.fusion.remote(request_id, prepared, *logits)
+        metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
+        if "error" in result:
+            return result
+        if want_explanation:
+            await self.store.create_explanation(request_id, request_id)
+            result["explanation_url"] = f"/v1/explanations/{request_id}"
+            self._queue_explanation(request_id, prepared, result)
+        await self.store.put_record(request_id, result, ttl_s=self.cfg.serve.record_ttl_s)
+        return result
+
+    def _queue_explanation(self, explanation_id: str, prepared, result: dict) -> None:
+        top = max(result["probabilities"], key=result["probabilities"].get)
+        target = list(result["probabilities"]).index(top)
+        task = asyncio.create_task(self._run_explanation(explanation_id, prepared, target))
+        self._explanations.add(task)
+        task.add_done_callback(self._explanations.discard)
+
+    async def _run_explanation(self, explanation_id: str, prepared, target: int) -> None:
+        """Await the Explainer so a crash or timeout is recorded: never pending forever."""
+        m = metrics()
+        m.explanation_queue.set(len(self._explanations))
+        for attempt in (1, 2):  # one retry covers an Explainer replica that died mid-way
+            try:
+                await asyncio.wait_for(
+                    self.explainer.remote(explanation_id, prepared, target),
+                    self.cfg.serve.explanation_timeout_s,
+                )
+                break
+            except Exception as exc:  # any failure of a remote call: record it, never hang
+                log.warning("explanation attempt %d failed: %s", attempt, type(exc).__name__)
+                if attempt == 2:
+                    await self.store.fail_explanation(explanation_id, type(exc).__name__)
+                    m.explanations.inc(tags={"outcome": "failed"})
+        m.explanation_queue.set(len(self._explanations) - 1)
+
+    def _json(self, result: dict, request_id: str) -> JSONResponse:
+        if "error" in result:
+            err = result["error"]
+            return error_response(result["status"], err["code"], err["message"], request_id=request_id)
+        return JSONResponse(result, headers={"X-Request-ID": request_id})
+
+    # ---- routes ----------------------------------------------------------------------
+    @api.post("/v1/predict", response_model=Prediction, responses=ERRORS,
+              summary="Classify one radiograph (raw body or multipart field `file`)")
+    async def predict(self, request: Request, explain: bool = False) -> Response:
+        request_id = uuid.uuid4().hex
+        data = await self._single_image(request)
+        result = await self._predict_bytes(data, request_id, explain)
+        return self._json(result, request_id)
+
+    async def _single_image(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await read_body(request, self.cfg.serve.max_body_bytes)
+        if ctype == "multipart/form-data":
+            parts = await self._parts(request, body, limit=1)
+            if not parts:
+                raise InputError("multipart body has no file field")
+            return parts[0][1]
+        if not body:
+            raise InputError("empty request body: send the image bytes or a multipart field `file`")
+        return body
+
+    async def _parts(self, request: Request, body: bytes, limit: int) -> list[tuple[str, bytes]]:
+        from starlette.requests import Request as StarletteRequest
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        replay = StarletteRequest(request.scope, receive)
+        try:
+            form = await replay.form(max_files=limit, max_fields=limit + 8)
+        except (StarletteHTTPException, ValueError, KeyError) as exc:
+            detail = getattr(exc, "detail", "malformed multipart body")
+            raise InputError(f"multipart body rejected: {detail}") from None
+        files = []
+        for _key, value in form.multi_items():
+            if hasattr(value, "read"):
+                files.append((value.filename or "", await value.read()))
+        await form.close()
+        return files
+
+    @api.post("/v1/predict/batch", responses=ERRORS,
+              summary="Classify up to max_batch_items radiographs (multipart); results in order")
+    async def predict_batch(self, request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "multipart/form-data":
+            raise InputError("batch requests must be multipart/form-data with one file per part")
+        body = await read_body(request, self.cfg.serve.max_body_bytes)
+        limit = self.cfg.serve.max_batch_items
+        parts = await self._parts(request, body, limit)
+        if not parts:
+            raise InputError("batch has no files")
+        ids = [uuid.uuid4().hex for _ in parts]
+        outcomes = await asyncio.gather(
+            *(self._predict_bytes(data, rid, False) for (_name, data), rid in zip(parts, ids, strict=True)),
+        )
+        items = []
+        for index, ((name, _), rid, out) in enumerate(zip(parts, ids, outcomes, strict=True)):
+            entry = {"index": index, "filename": name}
+            entry.update({"request_id": rid, "error": out["error"]} if "error" in out else out)
+            items.append(entry)
+        failed = sum("error" in i for i in items)
+        return JSONResponse({"count": len(items), "failed": failed, "items": items})
+
+    @api.get("/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}})
+    async def explanation_png(self, explanation_id: str) -> Response:
+        record = await self.store.get_explanation(explanation_id)
+        if record is None:
+            return error_response(404, "not_found", "unknown explanation id")
+        if record.state != "done":
+            return self._explanation_state(record)
+        png = await self.store.get_explanation_png(explanation_id)
+        return Response(png, media_type="image/png")
+
+    @api.get("/v1/explanations/{explanation_id}")
+    async def explanation(self, explanation_id: str) -> Response:
+        record = await self.store.get_explanation(explanation_id)
+        if record is None:
+            return error_response(404, "not_found", "unknown explanation id")
+        return self._explanation_state(record)
+
+    def _explanation_state(self, record) -> JSONResponse:
+        body = {"id": record.id, "request_id": record.request_id, "state": record.state}
+        if record.state == "pending":
+            return JSONResponse(body, status_code=202, headers={"Retry-After": "1"})
+        if record.state == "failed":
+            body["error"] = {"code": "explanation_failed", "message": record.error}
+            return JSONResponse(body, status_code=200)
+        body.update(record.result or {})
+        body["png_url"] = f"/v1/explanations/{record.id}.png"
+        return JSONResponse(body)
+
+    @api.get("/v1/model", summary="The model card")
+    async def model(self) -> dict:
+        return await self.fusion.model_card.remote()
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> Response:
+        """Ready when every backbone answers with its model loaded and the store responds."""
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.gather(*(h.info.remote() for h in self.backbones.values())), 5)
+            store_ok = await asyncio.wait_for(self.store.ping(), 5)
+        except Exception as exc:  # not ready, whatever the cause; readiness must not raise
+            return error_response(503, "not_ready", f"not ready: {type(exc).__name__}", 2)
+        if not all(i.get("loaded") for i in infos) or not store_ok:
+            return error_response(503, "not_ready", "models or store not ready", 2)
+        return JSONResponse({"status": "ready", "backbones": infos})
+
+
+@api.exception_handler(RayError)
+async def _replica_failure(_req: Request, exc: RayError) -> JSONResponse:
+    # A replica died or timed out mid-request: the client's input was fine, so retry later.
+    log.warning("downstream replica failure: %s", type(exc).__name__)
+    return error_response(503, "unavailable", "a model replica failed; retry later", 2)

@@ -1,0 +1,70 @@
+"""`orthovision serve`: a local Ray, the app from a Serve config file, clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from orthovision.render import load_serve_file
+from serve.app import AppArgs, build_app
+
+log = logging.getLogger("orthovision.serve")
+
+
+def wait_ready(url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def start(config_file: Path, num_cpus: int | None = None) -> str:
+    """Start Ray and the application; return the base URL."""
+    cfg = load_serve_file(config_file)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+             ignore_reinit_error=True)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(AppArgs(config=cfg)), name=cfg.serve.app_name, route_prefix="/",
+              blocking=False)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def run(config_file: Path, ready_timeout_s: float = 120.0) -> int:
+    url = start(config_file)
+    out = sys.stdout
+    if not wait_ready(url, ready_timeout_s):
+        out.write(f"service did not become ready within {ready_timeout_s:.0f} s\n")
+        serve.shutdown()
+        ray.shutdown()
+        return 1
+    with urllib.request.urlopen(url + "/v1/model", timeout=10) as resp:
+        card = json.load(resp)
+    if not card.get("trained"):
+        out.write("\n" + "!" * 78 + "\nWARNING: the checkpoint has RANDOM, UNTRAINED weights. "
+                  "Outputs mean nothing;\nevery class is unvalidated, so every result abstains.\n"
+                  + "!" * 78 + "\n")
+    out.write(f"\nOrthoVision Serve is ready at {url}  (API docs: {url}/docs). Ctrl-C stops it.\n")
+    out.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        out.write("stopping...\n")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,37 @@
+"""Small helpers every deployment shares: config from args, device choice, checkpoint path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from orthovision.config import OrthoVisionConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
+    return config if isinstance(config, OrthoVisionConfig) else OrthoVisionConfig.model_validate(config)
+
+
+def checkpoint_path(cfg: OrthoVisionConfig) -> Path:
+    """Relative checkpoint paths are relative to the project, wherever Ray starts a worker."""
+    path = Path(os.environ.get("ORTHOVISION_CHECKPOINT", cfg.serve.checkpoint))
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def limit_cpu_threads(num_cpus: float) -> None:
+    """One thread pool per replica sized to its CPUs: no oversubscription (DESIGN.md)."""
+    import cv2
+
+    threads = max(1, int(num_cpus))
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
