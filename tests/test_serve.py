@@ -1,0 +1,214 @@
+"""The real Ray Serve app on this machine (fractional CPUs, tiny timm backbones for speed)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import SHARED, make_dicom, make_jpeg, make_png, requires_shared
+
+pytestmark = pytest.mark.serve
+
+ray = pytest.importorskip("ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def radiograph(seed: int = 0, h: int = 320, w: int = 256) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 35.0)
+    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 175 + seed
+    return (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    import torch
+    from ray import serve
+
+    from orthovision.checkpoint import save_checkpoint
+    from orthovision.config import ModelConfig, OrthoVisionConfig, ServeConfig
+    from orthovision.models import build_ensemble
+    from serve.app import AppArgs, build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    model_cfg = ModelConfig(backbones=(
+        {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
+        {"name": "resnet18", "timm_name": "test_resnet"},
+    ))
+    port, metrics_port = free_port(), free_port()
+    cfg = OrthoVisionConfig(model=model_cfg, serve=ServeConfig(
+        port=port, device="cpu", checkpoint=str(tmp / "ckpt"),
+        store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
+        batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+    ))
+    torch.manual_seed(0)
+    save_checkpoint(build_ensemble(cfg.model), cfg, tmp / "ckpt",
+                    validated_classes=["fracture", "non-affected"], trained=False)
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+             configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(config=cfg)), name="orthovision", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=60)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/readyz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("app not ready in 120 s")
+    yield {"client": client, "metrics_port": metrics_port, "cfg": cfg}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_health_ready_model_openapi(app):
+    c = app["client"]
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and len(ready.json()["backbones"]) == 2
+    card = c.get("/v1/model").json()
+    assert card["classes"][:2] == ["fracture", "non-affected"]
+    spec = c.get("/openapi.json").json()
+    assert {"/v1/predict", "/v1/predict/batch", "/v1/model"} <= set(spec["paths"])
+    assert c.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["png-raw", "jpeg-multipart", "dicom-raw"])
+def test_predict(app, kind):
+    c = app["client"]
+    if kind == "png-raw":
+        r = c.post("/v1/predict", content=make_png(radiograph()), headers={"content-type": "image/png"})
+    elif kind == "jpeg-multipart":
+        r = c.post("/v1/predict", files={"file": ("x.jpg", make_jpeg(radiograph(1)), "image/jpeg")})
+    else:
+        r = c.post("/v1/predict", content=make_dicom(pixels=radiograph(2).astype(np.uint16) * 16),
+                   headers={"content-type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
+    assert set(body["branches"]) == {"efficientnet_b0", "resnet18"}
+    assert body["request_id"] == r.headers["x-request-id"]
+    if body["label"] is not None:
+        assert body["label"] in body["validated_classes"]
+    if kind == "dicom-raw":
+        assert body["input"]["modality"] == "CR"
+
+
+@requires_shared
+@pytest.mark.parametrize("name", ["RG3_J2KR.dcm", "RG2_JPLL.dcm"])
+def test_predict_shared_dicom_has_no_patient_identifiers(app, name):
+    import pydicom
+
+    path = SHARED / "dicom" / name
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    r = app["client"].post("/v1/predict", content=path.read_bytes())
+    assert r.status_code == 200, r.text
+    assert r.json()["input"]["modality"] == "CR"
+    for value in (str(ds.PatientName), str(ds.PatientID)):
+        if value:
+            assert value not in r.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [(b"", 400), (b"PK\x03\x04" + b"\0" * 100, 415), (b"<html><body>hi</body></html>", 415),
+     (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 422)],
+    ids=["empty", "zip", "html", "truncated-png"],
+)
+def test_bad_inputs_get_json_4xx(app, body, status):
+    r = app["client"].post("/v1/predict", content=body, headers={"content-type": "image/png"})
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"code", "message"}
+
+
+def test_unknown_routes_and_explanations_404(app):
+    c = app["client"]
+    assert c.get("/v1/nope").status_code == 404
+    assert c.get("/v1/explanations/unknown").status_code == 404
+    assert c.get("/v1/explanations/unknown.png").status_code == 404
+
+
+def test_explanation_flow(app):
+    c = app["client"]
+    r = c.post("/v1/predict?explain=true", content=make_png(radiograph(3)))
+    assert r.status_code == 200, r.text
+    url = r.json()["explanation_url"]
+    assert url == f"/v1/explanations/{r.json()['request_id']}"
+    deadline = time.monotonic() + 60
+    while (e := c.get(url)).status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert e.status_code == 200 and e.json()["state"] == "done", e.text
+    png = c.get(url + ".png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_endpoint_isolates_bad_items(app):
+    files = [("files", (f"{i}.png", make_png(radiograph(i)), "image/png")) for i in range(3)]
+    files.insert(1, ("files", ("bad.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")))
+    r = app["client"].post("/v1/predict/batch", files=files)
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert [i["index"] for i in items] == [0, 1, 2, 3]
+    assert "error" in items[1] and all("probabilities" in items[i] for i in (0, 2, 3))
+
+
+def test_concurrent_batching_poison_isolation_and_equality(app):
+    c = app["client"]
+    image = make_png(radiograph(7))
+    single = c.post("/v1/predict", content=image).json()["probabilities"]
+    bodies = [image] * 7 + [b"\xff\xd8\xff\xe0 not really a jpeg"]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: c.post("/v1/predict", content=b), bodies))
+    assert [r.status_code for r in responses[:7]] == [200] * 7
+    assert responses[7].status_code == 422
+    for r in responses[:7]:
+        batched = r.json()["probabilities"]
+        assert all(abs(batched[k] - single[k]) < 1e-5 for k in single)
+
+
+def scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_custom_metrics_exported_with_batches_over_one(app):
+    c = app["client"]
+    image = make_png(radiograph(9))
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: c.post("/v1/predict", content=image).status_code, range(32)))
+    assert codes == [200] * 32
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = scrape(app["metrics_port"])
+        if metric_sum(text, "ray_orthovision_predictions_total") >= 32:
+            break
+        time.sleep(2)
+    assert metric_sum(text, "ray_orthovision_predictions_total") >= 32
+    count = metric_sum(text, "ray_orthovision_backbone_batch_size_count", backbone="resnet18")
+    total = metric_sum(text, "ray_orthovision_backbone_batch_size_sum", backbone="resnet18")
+    assert count > 0 and total / count > 1.0, "no dynamic batching under concurrent load"
+    assert metric_sum(text, "ray_orthovision_rejected_inputs_total") >= 1
+    assert "PatientName" not in text and "Leaky" not in text
