@@ -23,8 +23,14 @@ from orthovision.config import OrthoVisionConfig
 from orthovision.io import decode_radiograph
 from orthovision.preprocess import Preprocessor, clahe
 
-SHARED_IMAGE = (Path(__file__).resolve().parents[2] / "shared" / "data" / "fracture-xray"
-                / "not_fractured" / "17ce2c3cb0616317.png")  # the 2460x2970 radiograph
+SHARED_IMAGE = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "data"
+    / "fracture-xray"
+    / "not_fractured"
+    / "17ce2c3cb0616317.png"
+)  # the 2460x2970 radiograph
 
 
 def load_jpeg(path: Path | None) -> tuple[bytes, str]:
@@ -35,7 +41,7 @@ def load_jpeg(path: Path | None) -> tuple[bytes, str]:
     else:
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[0:2970, 0:2460]
-        grey = (60 + 120 * np.exp(-((xx - 1230) ** 2) / 2e5) + rng.normal(0, 6, xx.shape))
+        grey = 60 + 120 * np.exp(-((xx - 1230) ** 2) / 2e5) + rng.normal(0, 6, xx.shape)
         grey = grey.clip(0, 255).astype(np.uint8)
         source = "synthetic 2460x2970 (../shared absent)"
     ok, buf = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -66,7 +72,9 @@ def main() -> None:
     data, source = load_jpeg(args.image)
 
     def fast() -> np.ndarray:
-        return pre(decode_radiograph(data, cfg.decode, target_side=cfg.preprocess.image_size).pixels)
+        return pre(
+            decode_radiograph(data, cfg.decode, target_side=cfg.preprocess.image_size).pixels
+        )
 
     def naive() -> np.ndarray:
         grey = np.asarray(Image.open(io.BytesIO(data)).convert("L"))  # full-size decode

@@ -98,7 +98,7 @@ def save_checkpoint(
         "classes": list(cfg.model.classes),
         "validated_classes": list(validated_classes),
         "architectures": {b.name: b.timm_name for b in cfg.model.backbones},
-        "fusion_weights": dict(zip(model.branch_names, model.fusion_weights.tolist())),
+        "fusion_weights": dict(zip(model.branch_names, model.fusion_weights.tolist(), strict=True)),
         "temperature": temperature,
         "preprocess": cfg.preprocess.model_dump(mode="json"),
         "preprocess_sha256": cfg.preprocess.param_hash(),

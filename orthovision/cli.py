@@ -31,7 +31,7 @@ def _warn_if_untrained(card: dict) -> None:
     if not card.get("trained", False):
         _out(
             "WARNING: this checkpoint has RANDOM, UNTRAINED weights: its outputs mean nothing "
-            "and every class is unvalidated. Train one with `orthovision train`.",
+            "and every class is unvalidated, so every result abstains.",
             sys.stderr,
         )
 
@@ -65,12 +65,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.explain:
             from orthovision.explain import explain, overlay_png
 
-            target = predictor.cfg.model.classes.index(max(
-                prediction.probabilities, key=prediction.probabilities.get))
+            target = predictor.cfg.model.classes.index(
+                max(prediction.probabilities, key=prediction.probabilities.get)
+            )
             expl = explain(predictor.model, prepared.pixels, target_class=target)
             out_png = args.explain / f"{path.stem}.gradcampp.png"
-            out_png.write_bytes(overlay_png(prepared.pixels[0], expl.heatmap,
-                                            predictor.cfg.explain.overlay_alpha))
+            out_png.write_bytes(
+                overlay_png(prepared.pixels[0], expl.heatmap, predictor.cfg.explain.overlay_alpha)
+            )
             prediction.explanation_url = out_png.resolve().as_uri()
         if args.json:
             _out(json.dumps({"file": str(path), **prediction.model_dump(mode="json")}))
@@ -94,7 +96,11 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_ensemble(cfg.model)
     path = save_checkpoint(
-        model, cfg, args.out, validated_classes=[], trained=False,
+        model,
+        cfg,
+        args.out,
+        validated_classes=[],
+        trained=False,
         data={"note": f"random initialisation, seed {args.seed}; trained on no data"},
     )
     _out(f"wrote untrained checkpoint to {path}")

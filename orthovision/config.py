@@ -1,4 +1,7 @@
-"""One typed config for training, serving and deployment (DESIGN.md: one config, three consumers)."""
+"""One typed config for training, serving and deployment.
+
+DESIGN.md: one config, three consumers (training, Serve config files, RayService).
+"""
 
 from __future__ import annotations
 
@@ -153,15 +156,19 @@ class ServeConfig(_Strict):
     explanation_timeout_s: float = Field(120.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch: BatchConfig = BatchConfig()
-    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64,
-                                                 max_queued_requests=256)
+    ingress: DeploymentConfig = DeploymentConfig(
+        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
+    )
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=4)
-    backbone: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=32,
-                                                  max_queued_requests=128)
-    fusion: DeploymentConfig = DeploymentConfig(num_cpus=0.1, max_ongoing_requests=64,
-                                                max_queued_requests=256)
-    explainer: DeploymentConfig = DeploymentConfig(num_cpus=0.25, max_ongoing_requests=1,
-                                                   max_queued_requests=64)
+    backbone: DeploymentConfig = DeploymentConfig(
+        num_cpus=0.5, max_ongoing_requests=32, max_queued_requests=128
+    )
+    fusion: DeploymentConfig = DeploymentConfig(
+        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
+    )
+    explainer: DeploymentConfig = DeploymentConfig(
+        num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=64
+    )
 
     def model_post_init(self, _ctx: object) -> None:
         if self.backbone.max_ongoing_requests < self.batch.max_batch_size:

@@ -46,9 +46,9 @@ def target_layer_name(backbone: nn.Module, input_size: tuple[int, int] = (64, 64
     spatial: list[str] = []
     handles = [
         child.register_forward_hook(
-            lambda _m, _i, out, name=name: spatial.append(name)
-            if isinstance(out, torch.Tensor) and out.ndim == 4
-            else None
+            lambda _m, _i, out, name=name: (
+                spatial.append(name) if isinstance(out, torch.Tensor) and out.ndim == 4 else None
+            )
         )
         for name, child in backbone.named_children()
     ]
@@ -120,7 +120,7 @@ def explain(
     num_classes = len(model.cfg.classes)
     if target_class is not None and not 0 <= target_class < num_classes:
         raise ValueError(f"target_class {target_class} outside 0..{num_classes - 1}")
-    weights = dict(zip(model.branch_names, model.fusion_weights.float().tolist()))
+    weights = dict(zip(model.branch_names, model.fusion_weights.float().tolist(), strict=True))
 
     with _eval_mode(model), _frozen_parameters(model), torch.inference_mode(False):
         if target_class is None:

@@ -1,4 +1,7 @@
-"""Learned fusion of branch logits and the decision rule (pure functions: Ensemble and Serve share them)."""
+"""Learned fusion of branch logits and the decision rule.
+
+Pure functions: the Ensemble and the Fusion deployment share them.
+"""
 
 from __future__ import annotations
 

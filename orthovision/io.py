@@ -152,8 +152,7 @@ def sniff_format(data: bytes) -> str:
     if data[DICOM_PREAMBLE_BYTES : DICOM_PREAMBLE_BYTES + 4] == b"DICM":
         return "dicom"
     raise UnsupportedFormat(
-        f"unsupported image format ({_describe_unknown(data)}); "
-        "accepted: PNG, JPEG, DICOM Part 10"
+        f"unsupported image format ({_describe_unknown(data)}); accepted: PNG, JPEG, DICOM Part 10"
     )
 
 
@@ -358,7 +357,7 @@ def _decode_jpeg(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _check_element_lengths(ds) -> None:  # noqa: ANN001 - pydicom Dataset
+def _check_element_lengths(ds) -> None:
     """pydicom silently shortens a value whose length runs past EOF; we refuse the file."""
     from pydicom.dataelem import RawDataElement
 
@@ -377,7 +376,7 @@ def _first_value(value: object) -> float:
     return float(value)  # type: ignore[arg-type]
 
 
-def _window(values: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dataset
+def _window(values: np.ndarray, ds) -> np.ndarray:
     """VOI stage -> float32 in [0, 1]. DICOM PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID)."""
     from pydicom.pixels import apply_voi
 
@@ -408,7 +407,7 @@ def _window(values: np.ndarray, ds) -> np.ndarray:  # noqa: ANN001 - pydicom Dat
     return np.clip((values.astype(np.float32) - low) / np.float32(high - low), 0, 1)
 
 
-def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None:  # noqa: ANN001
+def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None:
     """Decode a JPEG 2000 codestream at a lower resolution level, or None to fall back.
 
     pylibjpeg-openjpeg 2.6 exposes no resolution-reduction parameter, so this uses Pillow's
@@ -451,8 +450,10 @@ def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None
 
 def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
     from pydicom.pixels import apply_modality_lut, pixel_array
+
+    parse_errors = (InvalidDicomError, BytesLengthException, *_DICOM_PARSE_ERRORS)
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -461,7 +462,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None
         has_pixels = "PixelData" in ds
         ts_uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    except (InvalidDicomError, *_DICOM_PARSE_ERRORS):
+    except parse_errors:
         raise UndecodableImage("DICOM file cannot be parsed") from None
 
     accepted = ", ".join(cfg.allowed_modalities)
@@ -491,7 +492,8 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
         spacing_mm = (float(spacing[0]), float(spacing[1])) if spacing else None
         ts_name = ts_uid.name if ts_uid.is_valid else None
         compressed = ts_uid.is_compressed
-    except (*_DICOM_PARSE_ERRORS,):
+        pixel_bytes = len(ds.PixelData)
+    except parse_errors:
         raise UndecodableImage("DICOM image attributes are missing or invalid") from None
     if samples != 1:
         raise NotARadiograph("colour DICOM is not a greyscale radiograph")
@@ -500,7 +502,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
         expected = rows * cols * frames * ((bits_allocated + 7) // 8)
         if bits_allocated == 1:
             expected = math.ceil(rows * cols * frames / 8)
-        if len(ds.PixelData) < expected:
+        if pixel_bytes < expected:
             raise UndecodableImage("DICOM pixel data is shorter than Rows x Columns x frames")
 
     raw: np.ndarray | None = None
@@ -515,7 +517,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
             # First frame only; the decoder plugins (pylibjpeg, numpy) mask unused high bits.
             raw = pixel_array(ds, index=0)
     # Decoder plugins raise many unrelated types on corrupt streams: map them all to a 422.
-    except Exception:  # noqa: BLE001
+    except Exception:
         raise UndecodableImage("DICOM pixel data cannot be decoded") from None
     if raw.ndim != 2:
         raise UndecodableImage("DICOM pixel data cannot be decoded")
@@ -528,7 +530,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
     try:
         values = apply_modality_lut(raw, ds)  # Rescale Slope/Intercept or Modality LUT
         unit = _window(values, ds)
-    except (*_DICOM_PARSE_ERRORS,):
+    except parse_errors:
         raise UndecodableImage("DICOM LUT attributes are invalid") from None
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit  # DICOM PS3.3 C.7.6.3.1.2: MONOCHROME1 inverts after VOI
@@ -555,11 +557,13 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
 
 # --------------------------------------------------------------------------- entry point
 
+# DecodeConfig is frozen (pydantic), so one shared default instance is safe.
+_DEFAULT_DECODE_CONFIG = DecodeConfig()
 _DECODERS = {"png": _decode_png, "jpeg": _decode_jpeg, "dicom": _decode_dicom}
 
 
 def decode_radiograph(
-    data: bytes, cfg: DecodeConfig = DecodeConfig(), target_side: int | None = None
+    data: bytes, cfg: DecodeConfig = _DEFAULT_DECODE_CONFIG, target_side: int | None = None
 ) -> DecodedImage:
     """Decode client bytes to a bounded grey radiograph.
 

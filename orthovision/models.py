@@ -83,9 +83,7 @@ def _load_local_weights(model: nn.Module, path: Path) -> tuple[list[str], list[s
         state = state.get("state_dict", state)
     own = model.state_dict()
     # Drop a head whose shape differs (ImageNet weights into a 4-class model).
-    state = {
-        k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)
-    }
+    state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)}
     result = model.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
 
@@ -104,7 +102,12 @@ _LITE0_IR_BLOCK = {
     "_project_conv": "conv_pwl",
     "_bn2": "bn3",
 }
-_LITE0_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE0_DS_BLOCK = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
 _LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
 _LITE0_HEAD = {"_fc": "classifier"}
 
@@ -118,15 +121,13 @@ def lite0_package_weights_path() -> Path:
 
 def _timm_block_names(model: nn.Module) -> list[str]:
     """timm's `blocks.<stage>.<index>` names in execution order (the package numbers them flat)."""
-    return [
-        f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))
-    ]
+    return [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
 
 
 def rename_lite0_package_keys(
     state: Mapping[str, torch.Tensor], model: nn.Module
 ) -> dict[str, torch.Tensor]:
-    """EfficientNet-PyTorch keys (`_blocks.7._bn1.weight`) -> timm keys (`blocks.3.1.bn2.weight`)."""
+    """EfficientNet-PyTorch keys (`_blocks.7._bn1.weight`) -> timm (`blocks.3.1.bn2.weight`)."""
     blocks = _timm_block_names(model)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -199,9 +200,7 @@ class Ensemble(nn.Module):
         self.cfg = cfg
         names = [b.name for b in cfg.backbones]
         if backbones is None:
-            backbones = {
-                b.name: create_backbone(b, len(cfg.classes), cfg.drop_rate) for b in cfg.backbones
-            }
+            backbones = create_backbones(cfg)
         if list(backbones) != names:
             raise ValueError(f"backbones {list(backbones)} do not match the config's {names}")
         self.branches = nn.ModuleDict(backbones)
@@ -241,7 +240,11 @@ class Ensemble(nn.Module):
         param = next(self.branches[name].parameters())
         mean, std = self._norm_values[name]
         return to_model_input(
-            x_uint8, mean, std, device=param.device, dtype=param.dtype,
+            x_uint8,
+            mean,
+            std,
+            device=param.device,
+            dtype=param.dtype,
             channels_last=self.channels_last,
         )
 
@@ -259,9 +262,11 @@ class Ensemble(nn.Module):
         return EnsembleOutput(branch_logits=logits, probabilities=self.fuse(logits))
 
 
+def create_backbones(cfg: ModelConfig) -> dict[str, nn.Module]:
+    """Every configured branch through `create_backbone`, keyed by branch name, in order."""
+    return {b.name: create_backbone(b, len(cfg.classes), cfg.drop_rate) for b in cfg.backbones}
+
+
 def build_ensemble(cfg: ModelConfig) -> Ensemble:
     """An ensemble with every backbone built by `create_backbone` (weights per `pretrained`)."""
-    backbones = {
-        b.name: create_backbone(b, len(cfg.classes), cfg.drop_rate) for b in cfg.backbones
-    }
-    return Ensemble(cfg, backbones)
+    return Ensemble(cfg, create_backbones(cfg))

@@ -61,7 +61,9 @@ def assemble_prediction(
     """Fuse one image's branch logits (C,) into the v1 result, applying the decision rule."""
     classes = list(card["classes"])
     names = list(branch_logits)
-    logits = [torch.as_tensor(np.asarray(branch_logits[n]), dtype=torch.float32)[None] for n in names]
+    logits = [
+        torch.as_tensor(np.asarray(branch_logits[n]), dtype=torch.float32)[None] for n in names
+    ]
     weights = torch.tensor([fusion_weights[n] for n in names])
     fused = fuse_logits(logits, weights, temperature)[0].tolist()
     branches = {

@@ -28,7 +28,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def fit_within(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize so the longer side equals `size`, keeping aspect ratio (area filter when shrinking)."""
+    """Resize so the longer side equals `size`, keeping aspect ratio (area filter to shrink)."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -62,7 +62,7 @@ def clahe(image: np.ndarray, clip_limit: float = 2.0, tile_grid: int = 8) -> np.
 
 
 class Preprocessor:
-    """grey uint8 (H, W) of any size -> model input uint8 (1, S, S). Same code for train and serve."""
+    """grey uint8 (H, W) of any size -> model input uint8 (1, S, S); train and serve share it."""
 
     def __init__(self, cfg: PreprocessConfig | None = None) -> None:
         self.cfg = cfg or PreprocessConfig()

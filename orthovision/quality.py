@@ -58,9 +58,13 @@ def assess_quality(image: DecodedImage, cfg: QualityConfig | None = None) -> Qua
         found.append(("resolution", f"{width}x{height} px is below {cfg.min_side_px} px", short))
     if long_ / max(short, 1) > cfg.max_aspect_ratio:
         ratio = long_ / max(short, 1)
-        found.append(("aspect_ratio", f"aspect ratio {ratio:.1f} exceeds {cfg.max_aspect_ratio}", ratio))
+        found.append(
+            ("aspect_ratio", f"aspect ratio {ratio:.1f} exceeds {cfg.max_aspect_ratio}", ratio)
+        )
     if image.byte_size < cfg.min_bytes:
-        found.append(("byte_size", f"{image.byte_size} bytes is below {cfg.min_bytes}", image.byte_size))
+        found.append(
+            ("byte_size", f"{image.byte_size} bytes is below {cfg.min_bytes}", image.byte_size)
+        )
     if image.chroma > cfg.max_chroma:
         msg = f"colour image (chroma {image.chroma:.1f}): not a greyscale radiograph"
         found.append(("channels", msg, image.chroma))
@@ -69,8 +73,14 @@ def assess_quality(image: DecodedImage, cfg: QualityConfig | None = None) -> Qua
     mean = float(pixels.mean())
     std = float(pixels.std())
     if not cfg.min_mean_brightness <= mean <= cfg.max_mean_brightness:
-        found.append(("brightness", f"mean brightness {mean:.0f} outside "
-                      f"[{cfg.min_mean_brightness:.0f}, {cfg.max_mean_brightness:.0f}]", mean))
+        found.append(
+            (
+                "brightness",
+                f"mean brightness {mean:.0f} outside "
+                f"[{cfg.min_mean_brightness:.0f}, {cfg.max_mean_brightness:.0f}]",
+                mean,
+            )
+        )
     if std < cfg.min_contrast_std:
         found.append(("contrast", f"almost uniform image (std {std:.1f})", std))
     clipped = float(np.count_nonzero(pixels >= 255)) / pixels.size

@@ -48,24 +48,39 @@ def preset(name: str) -> OrthoVisionConfig:
         return OrthoVisionConfig(serve=ServeConfig(device="cpu"))
     if name == "gpu":
         base = ServeConfig()
-        return OrthoVisionConfig(serve=ServeConfig(
-            host="0.0.0.0",
-            device="cuda",
-            store_url="redis://orthovision-redis:6379/0",
-            batch={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
-            preprocessor=base.preprocessor.model_copy(update={
-                "min_replicas": 2, "max_replicas": 16, "num_cpus": 1.0,
-                "target_ongoing_requests": 2.0}),
-            # Half a GPU per backbone replica: both backbones share one card.
-            backbone=base.backbone.model_copy(update={
-                "min_replicas": 1, "max_replicas": 4, "num_cpus": 1.0, "num_gpus": 0.5,
-                "max_ongoing_requests": 64, "target_ongoing_requests": 32.0,
-                "max_queued_requests": 256}),
-            explainer=base.explainer.model_copy(update={
-                "min_replicas": 1, "max_replicas": 2, "num_gpus": 0.25}),
-            ingress=base.ingress.model_copy(update={"min_replicas": 1, "max_replicas": 4}),
-            fusion=base.fusion.model_copy(update={"min_replicas": 1, "max_replicas": 4}),
-        ))
+        return OrthoVisionConfig(
+            serve=ServeConfig(
+                host="0.0.0.0",
+                device="cuda",
+                store_url="redis://orthovision-redis:6379/0",
+                batch={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+                preprocessor=base.preprocessor.model_copy(
+                    update={
+                        "min_replicas": 2,
+                        "max_replicas": 16,
+                        "num_cpus": 1.0,
+                        "target_ongoing_requests": 2.0,
+                    }
+                ),
+                # Half a GPU per backbone replica: both backbones share one card.
+                backbone=base.backbone.model_copy(
+                    update={
+                        "min_replicas": 1,
+                        "max_replicas": 4,
+                        "num_cpus": 1.0,
+                        "num_gpus": 0.5,
+                        "max_ongoing_requests": 64,
+                        "target_ongoing_requests": 32.0,
+                        "max_queued_requests": 256,
+                    }
+                ),
+                explainer=base.explainer.model_copy(
+                    update={"min_replicas": 1, "max_replicas": 2, "num_gpus": 0.25}
+                ),
+                ingress=base.ingress.model_copy(update={"min_replicas": 1, "max_replicas": 4}),
+                fusion=base.fusion.model_copy(update={"min_replicas": 1, "max_replicas": 4}),
+            )
+        )
     raise ValueError(f"unknown preset {name!r}; known: local, gpu")
 
 

@@ -1,4 +1,7 @@
-"""The v1 prediction result (DESIGN.md HTTP contract). The CLI prints it; the HTTP API returns it."""
+"""The v1 prediction result (DESIGN.md HTTP contract).
+
+The CLI prints it; the HTTP API returns it.
+"""
 
 from __future__ import annotations
 

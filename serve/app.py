@@ -30,10 +30,12 @@ def build_app(args: AppArgs | dict) -> Application:
     s = cfg.serve
     config = cfg.model_dump(mode="json")
     preprocessor = PreprocessorDeployment.options(
-        name="Preprocessor", **deployment_options(s.preprocessor)).bind(config)
+        name="Preprocessor", **deployment_options(s.preprocessor)
+    ).bind(config)
     backbones = {
         b.name: Backbone.options(
-            name=f"Backbone_{b.name}", user_config=s.batch.model_dump(),
+            name=f"Backbone_{b.name}",
+            user_config=s.batch.model_dump(),
             **deployment_options(s.backbone),
         ).bind(b.name, config)
         for b in cfg.model.backbones
@@ -43,4 +45,5 @@ def build_app(args: AppArgs | dict) -> Application:
     ).bind(config)
     explainer = Explainer.options(name="Explainer", **deployment_options(s.explainer)).bind(config)
     return Ingress.options(name="Ingress", **deployment_options(s.ingress)).bind(
-        preprocessor, backbones, fusion, explainer, config)
+        preprocessor, backbones, fusion, explainer, config
+    )

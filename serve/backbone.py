@@ -54,8 +54,14 @@ class Backbone:
 
     @torch.inference_mode()
     def _infer(self, batch_uint8: np.ndarray) -> np.ndarray:
-        x = to_model_input(torch.from_numpy(batch_uint8), self.mean, self.std,
-                           device=self.device, dtype=self.dtype, channels_last=self.channels_last)
+        x = to_model_input(
+            torch.from_numpy(batch_uint8),
+            self.mean,
+            self.std,
+            device=self.device,
+            dtype=self.dtype,
+            channels_last=self.channels_last,
+        )
         return self.model(x).float().cpu().numpy()
 
     async def info(self) -> dict:
@@ -75,5 +81,7 @@ class Backbone:
             results[i] = logits[row]
         m = metrics()
         m.batch_size.observe(len(valid), tags={"backbone": self.branch})
-        m.stage_latency.observe(time.perf_counter() - started, tags={"stage": f"backbone_{self.branch}"})
+        m.stage_latency.observe(
+            time.perf_counter() - started, tags={"stage": f"backbone_{self.branch}"}
+        )
         return results

@@ -1,4 +1,4 @@
-"""Fusion deployment: learned weights from the checkpoint, calibrated probabilities, abstain rule."""
+"""Fusion deployment: learned weights, calibrated probabilities, the abstain rule."""
 
 from __future__ import annotations
 
@@ -37,8 +37,13 @@ class Fusion:
         if isinstance(prepared, InputError):
             return {"error": prepared.to_dict(), "status": prepared.http_status}
         prediction = assemble_prediction(
-            request_id, prepared, dict(zip(self.branches, branch_logits, strict=True)),
-            self.fusion_weights, self.temperature, self.card, self.fusion_cfg,
+            request_id,
+            prepared,
+            dict(zip(self.branches, branch_logits, strict=True)),
+            self.fusion_weights,
+            self.temperature,
+            self.card,
+            self.fusion_cfg,
         )
         metrics().predictions.inc(tags={"label": prediction.label or "abstained"})
         return prediction.model_dump(mode="json")

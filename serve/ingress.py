@@ -35,14 +35,22 @@ api = FastAPI(
 )
 
 ERRORS = {
-    400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
-    422: {"model": ErrorResponse}, 503: {"model": ErrorResponse},
+    400: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    415: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
 }
 RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
 
 
-def error_response(status: int, code: str, message: str, retry_after_s: int | None = None,
-                   request_id: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    retry_after_s: int | None = None,
+    request_id: str | None = None,
+) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s else {}
     if request_id:
         headers["X-Request-ID"] = request_id
@@ -153,12 +161,18 @@ class Ingress:
     def _json(self, result: dict, request_id: str) -> JSONResponse:
         if "error" in result:
             err = result["error"]
-            return error_response(result["status"], err["code"], err["message"], request_id=request_id)
+            return error_response(
+                result["status"], err["code"], err["message"], request_id=request_id
+            )
         return JSONResponse(result, headers={"X-Request-ID": request_id})
 
     # ---- routes ----------------------------------------------------------------------
-    @api.post("/v1/predict", response_model=Prediction, responses=ERRORS,
-              summary="Classify one radiograph (raw body or multipart field `file`)")
+    @api.post(
+        "/v1/predict",
+        response_model=Prediction,
+        responses=ERRORS,
+        summary="Classify one radiograph (raw body or multipart field `file`)",
+    )
     async def predict(self, request: Request, explain: bool = False) -> Response:
         request_id = uuid.uuid4().hex
         data = await self._single_image(request)
@@ -196,8 +210,11 @@ class Ingress:
         await form.close()
         return files
 
-    @api.post("/v1/predict/batch", responses=ERRORS,
-              summary="Classify up to max_batch_items radiographs (multipart); results in order")
+    @api.post(
+        "/v1/predict/batch",
+        responses=ERRORS,
+        summary="Classify up to max_batch_items radiographs (multipart); results in order",
+    )
     async def predict_batch(self, request: Request) -> Response:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
@@ -209,7 +226,10 @@ class Ingress:
             raise InputError("batch has no files")
         ids = [uuid.uuid4().hex for _ in parts]
         outcomes = await asyncio.gather(
-            *(self._predict_bytes(data, rid, False) for (_name, data), rid in zip(parts, ids, strict=True)),
+            *(
+                self._predict_bytes(data, rid, False)
+                for (_name, data), rid in zip(parts, ids, strict=True)
+            ),
         )
         items = []
         for index, ((name, _), rid, out) in enumerate(zip(parts, ids, outcomes, strict=True)):
@@ -219,7 +239,9 @@ class Ingress:
         failed = sum("error" in i for i in items)
         return JSONResponse({"count": len(items), "failed": failed, "items": items})
 
-    @api.get("/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}})
+    @api.get(
+        "/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}}
+    )
     async def explanation_png(self, explanation_id: str) -> Response:
         record = await self.store.get_explanation(explanation_id)
         if record is None:
@@ -260,7 +282,8 @@ class Ingress:
         """Ready when every backbone answers with its model loaded and the store responds."""
         try:
             infos = await asyncio.wait_for(
-                asyncio.gather(*(h.info.remote() for h in self.backbones.values())), 5)
+                asyncio.gather(*(h.info.remote() for h in self.backbones.values())), 5
+            )
             store_ok = await asyncio.wait_for(self.store.ping(), 5)
         except Exception as exc:  # not ready, whatever the cause; readiness must not raise
             return error_response(503, "not_ready", f"not ready: {type(exc).__name__}", 2)

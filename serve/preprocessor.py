@@ -31,5 +31,6 @@ class PreprocessorDeployment:
             metrics().rejected.inc(tags={"reason": exc.code})
             return exc
         finally:
-            metrics().stage_latency.observe(time.perf_counter() - started,
-                                            tags={"stage": "preprocess"})
+            metrics().stage_latency.observe(
+                time.perf_counter() - started, tags={"stage": "preprocess"}
+            )

@@ -35,11 +35,16 @@ def wait_ready(url: str, timeout_s: float) -> bool:
 def start(config_file: Path, num_cpus: int | None = None) -> str:
     """Start Ray and the application; return the base URL."""
     cfg = load_serve_file(config_file)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-             ignore_reinit_error=True)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        configure_logging=False,
+        ignore_reinit_error=True,
+    )
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(AppArgs(config=cfg)), name=cfg.serve.app_name, route_prefix="/",
-              blocking=False)
+    serve.run(
+        build_app(AppArgs(config=cfg)), name=cfg.serve.app_name, route_prefix="/", blocking=False
+    )
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
@@ -54,9 +59,12 @@ def run(config_file: Path, ready_timeout_s: float = 120.0) -> int:
     with urllib.request.urlopen(url + "/v1/model", timeout=10) as resp:
         card = json.load(resp)
     if not card.get("trained"):
-        out.write("\n" + "!" * 78 + "\nWARNING: the checkpoint has RANDOM, UNTRAINED weights. "
-                  "Outputs mean nothing;\nevery class is unvalidated, so every result abstains.\n"
-                  + "!" * 78 + "\n")
+        out.write(
+            "\n" + "!" * 78 + "\nWARNING: the checkpoint has RANDOM, UNTRAINED weights. "
+            "Outputs mean nothing;\nevery class is unvalidated, so every result abstains.\n"
+            + "!" * 78
+            + "\n"
+        )
     out.write(f"\nOrthoVision Serve is ready at {url}  (API docs: {url}/docs). Ctrl-C stops it.\n")
     out.flush()
     try:

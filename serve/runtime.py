@@ -13,7 +13,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
-    return config if isinstance(config, OrthoVisionConfig) else OrthoVisionConfig.model_validate(config)
+    return (
+        config
+        if isinstance(config, OrthoVisionConfig)
+        else OrthoVisionConfig.model_validate(config)
+    )
 
 
 def checkpoint_path(cfg: OrthoVisionConfig) -> Path:

@@ -78,7 +78,9 @@ def _png_chunk(kind: bytes, payload: bytes, crc: int | None = None) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
-def make_png_header_only(width: int, height: int, bit_depth: int = 8, colour_type: int = 0) -> bytes:
+def make_png_header_only(
+    width: int, height: int, bit_depth: int = 8, colour_type: int = 0
+) -> bytes:
     """A PNG that declares `width` x `height` but carries a tiny IDAT: a decompression bomb
     stand-in that is a few dozen bytes on disk."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)

@@ -21,8 +21,14 @@ def gradient(h: int, w: int, dtype=np.uint8, top: int = 255) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("shape", "mode"),
-    [((224, 224), "letterbox"), ((372, 308), "letterbox"), ((50, 400), "letterbox"),
-     ((1000, 900), "stretch"), ((100, 100), "letterbox"), ((20000 // 80, 1), "letterbox")],
+    [
+        ((224, 224), "letterbox"),
+        ((372, 308), "letterbox"),
+        ((50, 400), "letterbox"),
+        ((1000, 900), "stretch"),
+        ((100, 100), "letterbox"),
+        ((20000 // 80, 1), "letterbox"),
+    ],
 )
 def test_preprocessor_output_is_uint8_1xSxS(shape, mode):
     cfg = PreprocessConfig(resize_mode=mode)
@@ -71,11 +77,18 @@ def test_to_model_input_normalises_per_channel():
     expected = [(1 - m) / s for m, s in zip(mean, std, strict=True)]
     assert torch.allclose(x[0, :, 0, 0], torch.tensor(expected))
     assert to_model_input(batch, mean, std, channels_last=True).is_contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
 
 
-@pytest.mark.parametrize("bad", [torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
-                                 torch.zeros(1, 1, 8, 8), torch.zeros(8, 8, dtype=torch.uint8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(1, 3, 8, 8, dtype=torch.uint8),
+        torch.zeros(1, 1, 8, 8),
+        torch.zeros(8, 8, dtype=torch.uint8),
+    ],
+)
 def test_to_model_input_rejects_wrong_payload(bad):
     with pytest.raises(ValueError):
         to_model_input(bad, (0.5,) * 3, (0.5,) * 3)

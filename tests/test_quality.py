@@ -16,8 +16,14 @@ def radiograph_like(h: int = 300, w: int = 250, seed: int = 0) -> np.ndarray:
 
 def decoded(pixels: np.ndarray, size=None, chroma=0.0, byte_size=50_000, channels=1):
     h, w = pixels.shape
-    return DecodedImage(pixels=pixels, format="png", original_size=size or (w, h),
-                        channels=channels, chroma=chroma, byte_size=byte_size)
+    return DecodedImage(
+        pixels=pixels,
+        format="png",
+        original_size=size or (w, h),
+        channels=channels,
+        chroma=chroma,
+        byte_size=byte_size,
+    )
 
 
 @pytest.mark.parametrize(
@@ -29,9 +35,12 @@ def decoded(pixels: np.ndarray, size=None, chroma=0.0, byte_size=50_000, channel
         (decoded(radiograph_like(), size=(3000, 600)), {"aspect_ratio"}, True),
         (decoded(radiograph_like(), chroma=40.0, channels=3), {"channels"}, True),
         (decoded(np.full((300, 300), 128, np.uint8)), {"contrast"}, True),
-        (decoded(radiograph_like() // 20), {"brightness"}, False),
-        (decoded(np.where(radiograph_like() > 100, 255, 250).astype(np.uint8)),
-         {"brightness", "saturation"}, False),
+        (decoded(radiograph_like() // 8), {"brightness"}, False),
+        (
+            decoded(np.where(radiograph_like() > 100, 240, 255).astype(np.uint8)),
+            {"brightness", "saturation"},
+            False,
+        ),
         (decoded(radiograph_like(), byte_size=500), {"byte_size"}, False),
     ],
     ids=["ok", "1x1", "1x20000", "aspect", "colour", "uniform", "dark", "saturated", "tiny-file"],
@@ -48,7 +57,7 @@ def test_quality_checks(image, failed, rejected):
 
 
 def test_config_decides_reject_or_warn():
-    image = decoded(radiograph_like() // 20)
+    image = decoded(radiograph_like() // 8)
     warn = assess_quality(image, QualityConfig())
     reject = assess_quality(image, QualityConfig(reject=("brightness",)))
     assert [f.severity for f in warn.findings] == ["warning"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-
 from conftest import SHARED, make_dicom, make_jpeg, make_png, requires_shared
 
 pytestmark = pytest.mark.serve
@@ -42,21 +40,37 @@ def app(tmp_path_factory):
     from serve.app import AppArgs, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
-    model_cfg = ModelConfig(backbones=(
-        {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
-        {"name": "resnet18", "timm_name": "test_resnet"},
-    ))
+    model_cfg = ModelConfig(
+        backbones=(
+            {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
+            {"name": "resnet18", "timm_name": "test_resnet"},
+        )
+    )
     port, metrics_port = free_port(), free_port()
-    cfg = OrthoVisionConfig(model=model_cfg, serve=ServeConfig(
-        port=port, device="cpu", checkpoint=str(tmp / "ckpt"),
-        store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
-        batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-    ))
+    cfg = OrthoVisionConfig(
+        model=model_cfg,
+        serve=ServeConfig(
+            port=port,
+            device="cpu",
+            checkpoint=str(tmp / "ckpt"),
+            store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
+            batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        ),
+    )
     torch.manual_seed(0)
-    save_checkpoint(build_ensemble(cfg.model), cfg, tmp / "ckpt",
-                    validated_classes=["fracture", "non-affected"], trained=False)
-    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
-             configure_logging=False)
+    save_checkpoint(
+        build_ensemble(cfg.model),
+        cfg,
+        tmp / "ckpt",
+        validated_classes=["fracture", "non-affected"],
+        trained=False,
+    )
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        configure_logging=False,
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(config=cfg)), name="orthovision", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -93,12 +107,17 @@ def test_health_ready_model_openapi(app):
 def test_predict(app, kind):
     c = app["client"]
     if kind == "png-raw":
-        r = c.post("/v1/predict", content=make_png(radiograph()), headers={"content-type": "image/png"})
+        r = c.post(
+            "/v1/predict", content=make_png(radiograph()), headers={"content-type": "image/png"}
+        )
     elif kind == "jpeg-multipart":
         r = c.post("/v1/predict", files={"file": ("x.jpg", make_jpeg(radiograph(1)), "image/jpeg")})
     else:
-        r = c.post("/v1/predict", content=make_dicom(pixels=radiograph(2).astype(np.uint16) * 16),
-                   headers={"content-type": "application/dicom"})
+        r = c.post(
+            "/v1/predict",
+            content=make_dicom(pixels=radiograph(2).astype(np.uint16) * 16),
+            headers={"content-type": "application/dicom"},
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-5
@@ -127,8 +146,12 @@ def test_predict_shared_dicom_has_no_patient_identifiers(app, name):
 
 @pytest.mark.parametrize(
     ("body", "status"),
-    [(b"", 400), (b"PK\x03\x04" + b"\0" * 100, 415), (b"<html><body>hi</body></html>", 415),
-     (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 422)],
+    [
+        (b"", 400),
+        (b"PK\x03\x04" + b"\0" * 100, 415),
+        (b"<html><body>hi</body></html>", 415),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 422),
+    ],
     ids=["empty", "zip", "html", "truncated-png"],
 )
 def test_bad_inputs_get_json_4xx(app, body, status):
@@ -198,7 +221,9 @@ def test_custom_metrics_exported_with_batches_over_one(app):
     c = app["client"]
     image = make_png(radiograph(9))
     with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(lambda _: c.post("/v1/predict", content=image).status_code, range(32)))
+        codes = list(
+            pool.map(lambda _: c.post("/v1/predict", content=image).status_code, range(32))
+        )
     assert codes == [200] * 32
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
