@@ -151,7 +151,11 @@ def load_checkpoint(
         )
 
     try:
-        config = OrthoVisionConfig.model_validate(card["config"])
+        # Only what shapes the weights and the pixels comes from the card; serving and
+        # decoding settings are today's defaults, so old checkpoints survive config changes.
+        config = OrthoVisionConfig.model_validate(
+            {k: card["config"][k] for k in ("model", "preprocess")}
+        )
     except (KeyError, ValidationError) as exc:
         raise CheckpointError(f"model card has no valid config: {exc}") from None
     trained_hash = config.preprocess.param_hash()

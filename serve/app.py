@@ -9,9 +9,9 @@ from ray.serve import Application
 
 from orthovision.config import OrthoVisionConfig
 from orthovision.render import deployment_options
-from serve.backbone import Backbone
-from serve.explainer import Explainer
-from serve.fusion import Fusion
+from serve.backbone import BackboneDeployment
+from serve.explainer import ExplainerDeployment
+from serve.fusion import FusionDeployment
 from serve.ingress import Ingress
 from serve.preprocessor import PreprocessorDeployment
 
@@ -33,17 +33,19 @@ def build_app(args: AppArgs | dict) -> Application:
         name="Preprocessor", **deployment_options(s.preprocessor)
     ).bind(config)
     backbones = {
-        b.name: Backbone.options(
+        b.name: BackboneDeployment.options(
             name=f"Backbone_{b.name}",
             user_config=s.batch.model_dump(),
             **deployment_options(s.backbone),
         ).bind(b.name, config)
         for b in cfg.model.backbones
     }
-    fusion = Fusion.options(
+    fusion = FusionDeployment.options(
         name="Fusion", user_config=cfg.fusion.model_dump(), **deployment_options(s.fusion)
     ).bind(config)
-    explainer = Explainer.options(name="Explainer", **deployment_options(s.explainer)).bind(config)
+    explainer = ExplainerDeployment.options(
+        name="Explainer", **deployment_options(s.explainer)
+    ).bind(config)
     return Ingress.options(name="Ingress", **deployment_options(s.ingress)).bind(
         preprocessor, backbones, fusion, explainer, config
     )

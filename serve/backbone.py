@@ -15,12 +15,17 @@ from orthovision.errors import InputError
 from orthovision.pipeline import Prepared
 from orthovision.preprocess import to_model_input
 from serve.metrics import metrics
-from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_device
+from serve.runtime import (
+    checkpoint_path,
+    config_from,
+    enable_cudnn_autotune,
+    limit_cpu_threads,
+    pick_device,
+)
 
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment
 class Backbone:
     def __init__(self, branch: str, config: dict) -> None:
         cfg = config_from(config)
@@ -29,7 +34,7 @@ class Backbone:
         if self.device.type == "cpu":
             limit_cpu_threads(cfg.serve.backbone.num_cpus)
         else:
-            torch.backends.cudnn.benchmark = True
+            enable_cudnn_autotune()
         ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
         norm = ckpt.model.norms[branch]
         self.mean, self.std = norm.mean.tolist(), norm.std.tolist()
@@ -85,3 +90,8 @@ class Backbone:
             time.perf_counter() - started, tags={"stage": f"backbone_{self.branch}"}
         )
         return results
+
+
+# Bound outside the class body so Ray pickles the class by reference (importable),
+# not by value: torch objects in a by-value closure are not picklable.
+BackboneDeployment = serve.deployment(Backbone)

@@ -19,7 +19,6 @@ from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_
 from serve.store import open_store
 
 
-@serve.deployment
 class Explainer:
     def __init__(self, config: dict) -> None:
         self.cfg = config_from(config)
@@ -54,3 +53,8 @@ class Explainer:
         metrics().explanation_latency.observe(time.perf_counter() - started)
         metrics().explanations.inc(tags={"outcome": "done"})
         return "done"
+
+
+# Bound outside the class body so Ray pickles the class by reference (importable),
+# not by value: torch objects in a by-value closure are not picklable.
+ExplainerDeployment = serve.deployment(Explainer)

@@ -13,7 +13,6 @@ from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from
 
 
-@serve.deployment
 class Fusion:
     def __init__(self, config: dict) -> None:
         cfg = config_from(config)
@@ -50,3 +49,8 @@ class Fusion:
 
     async def model_card(self) -> dict:
         return self.card
+
+
+# Bound outside the class body so Ray pickles the class by reference (importable),
+# not by value: torch objects in a by-value closure are not picklable.
+FusionDeployment = serve.deployment(Fusion)

@@ -1,13 +1,15 @@
 """HTTP ingress (FastAPI via @serve.ingress): routing, size limits, request ids, error mapping.
 
+No `from __future__ import annotations` here: FastAPI must resolve the route annotations
+(Request) at runtime inside a replica that unpickles this class by value.
+
 The ingress never touches pixels: it chains DeploymentResponses (bytes -> Preprocessor ->
 both Backbones -> Fusion), so the uint8 payload travels between the workers only.
 """
 
-from __future__ import annotations
-
 import asyncio
 import logging
+import re
 import time
 import uuid
 
@@ -16,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.context import _get_serve_request_context
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -84,6 +87,16 @@ async def _overloaded(_req: Request, _exc: BackPressureError) -> JSONResponse:
 @api.exception_handler(StoreUnavailable)
 async def _store_down(_req: Request, _exc: StoreUnavailable) -> JSONResponse:
     return error_response(503, "store_unavailable", "result store unavailable; retry later", 5)
+
+
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9-]{8,64}")
+
+
+def current_request_id() -> str:
+    """Ray Serve's own request id (the proxy's X-Request-ID response header), when it is safe
+    to use as a store key and URL segment; else a fresh one."""
+    rid = _get_serve_request_context().request_id
+    return rid if rid and SAFE_REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -158,13 +171,11 @@ class Ingress:
                     m.explanations.inc(tags={"outcome": "failed"})
         m.explanation_queue.set(len(self._explanations) - 1)
 
-    def _json(self, result: dict, request_id: str) -> JSONResponse:
+    def _json(self, result: dict) -> JSONResponse:
         if "error" in result:
             err = result["error"]
-            return error_response(
-                result["status"], err["code"], err["message"], request_id=request_id
-            )
-        return JSONResponse(result, headers={"X-Request-ID": request_id})
+            return error_response(result["status"], err["code"], err["message"])
+        return JSONResponse(result)
 
     # ---- routes ----------------------------------------------------------------------
     @api.post(
@@ -174,10 +185,10 @@ class Ingress:
         summary="Classify one radiograph (raw body or multipart field `file`)",
     )
     async def predict(self, request: Request, explain: bool = False) -> Response:
-        request_id = uuid.uuid4().hex
+        request_id = current_request_id()
         data = await self._single_image(request)
         result = await self._predict_bytes(data, request_id, explain)
-        return self._json(result, request_id)
+        return self._json(result)
 
     async def _single_image(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -9,17 +9,16 @@ from ray import serve
 
 from orthovision.errors import InputError
 from orthovision.pipeline import Prepared, prepare
-from orthovision.preprocess import Preprocessor
+from orthovision.preprocess import Preprocessor as PixelPreprocessor
 from serve.metrics import metrics
 from serve.runtime import config_from, limit_cpu_threads
 
 
-@serve.deployment
-class PreprocessorDeployment:
+class Preprocessor:
     def __init__(self, config: dict) -> None:
         self.cfg = config_from(config)
         limit_cpu_threads(self.cfg.serve.preprocessor.num_cpus)
-        self.preprocessor = Preprocessor(self.cfg.preprocess)
+        self.preprocessor = PixelPreprocessor(self.cfg.preprocess)
 
     async def __call__(self, data: bytes) -> Prepared | InputError:
         """A bad input is returned, not raised: it flows through the backbones untouched so it
@@ -34,3 +33,8 @@ class PreprocessorDeployment:
             metrics().stage_latency.observe(
                 time.perf_counter() - started, tags={"stage": "preprocess"}
             )
+
+
+# Bound outside the class body so Ray pickles the class by reference (importable),
+# not by value: torch objects in a by-value closure are not picklable.
+PreprocessorDeployment = serve.deployment(Preprocessor)

@@ -39,3 +39,12 @@ def limit_cpu_threads(num_cpus: float) -> None:
     threads = max(1, int(num_cpus))
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
+
+
+def enable_cudnn_autotune() -> None:
+    """Fixed 224x224 inputs: let cuDNN pick the fastest kernels once, at warm-up.
+
+    (A function, not inline in a deployment class: Ray pickles deployment classes by value
+    and torch.backends.cudnn is not picklable.)
+    """
+    torch.backends.cudnn.benchmark = True
