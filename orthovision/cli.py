@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from orthovision.errors import InputError
 
@@ -22,7 +23,8 @@ def default_checkpoint() -> Path:
     return Path(os.environ.get("ORTHOVISION_CHECKPOINT", DEFAULT_CHECKPOINT))
 
 
-def _out(line: str, stream=sys.stdout) -> None:
+def _out(line: str, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout  # looked up per call: tests and wrappers swap sys.stdout
     stream.write(line + "\n")
     stream.flush()
 

@@ -176,6 +176,71 @@ class ServeConfig(_Strict):
             raise ValueError("backbone.max_ongoing_requests must be >= batch.max_batch_size")
 
 
+DataSourceKind = Literal["fracture-xray", "btxrd", "folders"]
+
+
+class DataSourceConfig(_Strict):
+    """One dataset to read (orthovision.data adapters); several combine into one 4-class set."""
+
+    kind: DataSourceKind
+    path: str
+    name: str | None = None  # defaults to the kind; prefixes group ids so sources never mix
+    # kind "folders": sub-folder name -> project label (see labels.CLASSES)
+    label_map: dict[str, str] = Field(default_factory=dict)
+    # kind "btxrd": image folder relative to `path` ("images" in the published download)
+    image_dir: str | None = None
+
+    @property
+    def source_name(self) -> str:
+        return self.name or self.kind
+
+
+class TrainConfig(_Strict):
+    """Training defaults from the paper (4.4-4.5): Adam, lr 1e-4, batch 32, clipping."""
+
+    sources: tuple[DataSourceConfig, ...] = (
+        DataSourceConfig(kind="fracture-xray", path="../shared/data/fracture-xray"),
+    )
+    # "branches-then-ensemble": the paper's order (each branch with its own loss and its own
+    # best epoch, then the fusion weights on frozen branches); "joint": one fused loss.
+    mode: Literal["joint", "branches-then-ensemble"] = "branches-then-ensemble"
+    optimizer: Literal["adam"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(20, ge=1)
+    # Wall-clock budget for the epoch loop; stops after the epoch that crosses it.
+    max_train_time_s: float | None = Field(None, gt=0)
+    # Cap on optimizer steps per epoch (None: a full pass); for smoke tests and reduced budgets.
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+    # Fusion weights (and nothing else) after the branches, on frozen-branch logits.
+    fusion_epochs: int = Field(200, ge=0)
+    fusion_lr: float = Field(1e-2, gt=0)
+    fusion_fit_split: Literal["train", "val"] = "val"
+    calibrate_temperature: bool = True
+    seed: int = 0
+    split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    # Balancing (paper 4.2): sampler and loss weights, plus training augmentation.
+    weighted_sampler: bool = True
+    class_weighted_loss: bool = True
+    augment: bool = True
+    num_workers: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, ge=1)  # torch.set_num_threads; None: leave as is
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bfloat16 autocast on CUDA only
+    # Preprocessed uint8 tensors, keyed by sha256 of the file + preprocess hash.
+    cache_dir: str = "~/.cache/orthovision/pixels"
+    eval_batch_size: int = Field(64, ge=1)
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("split_fractions must be three positive numbers summing to 1")
+        return v
+
+
 class OrthoVisionConfig(_Strict):
     decode: DecodeConfig = DecodeConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -184,6 +249,7 @@ class OrthoVisionConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     explain: ExplainConfig = ExplainConfig()
     serve: ServeConfig = ServeConfig()
+    train: TrainConfig = TrainConfig()
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: object) -> OrthoVisionConfig:

@@ -16,7 +16,7 @@ import torch
 from orthovision.checkpoint import Checkpoint
 from orthovision.config import FusionConfig, OrthoVisionConfig
 from orthovision.fusion import decide, fuse_logits
-from orthovision.io import decode_radiograph
+from orthovision.io import DecodedImage, decode_radiograph
 from orthovision.preprocess import Preprocessor
 from orthovision.quality import assess_quality
 from orthovision.schema import Prediction
@@ -31,9 +31,22 @@ class Prepared:
     quality: dict
 
 
+def decode_for_model(data: bytes, cfg: OrthoVisionConfig) -> DecodedImage:
+    """Reduced-size decode to the smallest image that still covers the model input."""
+    return decode_radiograph(data, cfg.decode, target_side=cfg.preprocess.image_size)
+
+
+def model_pixels(data: bytes, cfg: OrthoVisionConfig, preprocessor: Preprocessor) -> np.ndarray:
+    """bytes -> uint8 (1, S, S), no quality gate: the training datasets' path.
+
+    Serving's `prepare` runs the very same two calls, so train and serve tensors are
+    byte-identical (a test proves it)."""
+    return preprocessor(decode_for_model(data, cfg).pixels)
+
+
 def prepare(data: bytes, cfg: OrthoVisionConfig, preprocessor: Preprocessor) -> Prepared:
     """decode -> validate -> CLAHE/resize. Raises an InputError subclass for a bad input."""
-    decoded = decode_radiograph(data, cfg.decode, target_side=cfg.preprocess.image_size)
+    decoded = decode_for_model(data, cfg)
     report = assess_quality(decoded, cfg.quality)
     report.raise_if_rejected()
     return Prepared(preprocessor(decoded.pixels), decoded.metadata(), report.to_dict())

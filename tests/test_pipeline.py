@@ -1,0 +1,68 @@
+"""Train and serve share the pixel path; rendered deploy files match the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SHARED, gradient, make_dicom, make_jpeg, make_png, requires_shared
+
+from orthovision.config import OrthoVisionConfig
+from orthovision.pipeline import model_pixels, prepare
+from orthovision.preprocess import Preprocessor
+from orthovision.render import load_serve_file, preset, render_text, serve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = OrthoVisionConfig()
+
+
+def textured(h: int, w: int) -> np.ndarray:
+    return (gradient(h, w).astype(np.int32) // 2 + 40).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        make_png(textured(300, 260)),
+        make_jpeg(textured(1200, 900)),
+        make_dicom(pixels=(gradient(400, 320, np.uint16) >> 4)),
+    ],
+    ids=["png", "jpeg-reduced", "dicom"],
+)
+def test_training_and_serving_tensors_are_byte_identical(data):
+    pre = Preprocessor(CFG.preprocess)
+    train = model_pixels(data, CFG, pre)
+    served = prepare(data, CFG, Preprocessor(CFG.preprocess)).pixels
+    assert train.dtype == served.dtype == np.uint8
+    assert train.tobytes() == served.tobytes()
+
+
+@requires_shared
+def test_byte_identical_on_a_real_radiograph():
+    path = next((SHARED / "fracture-xray" / "fractured").glob("*.jpg"))
+    data = path.read_bytes()
+    pre = Preprocessor(CFG.preprocess)
+    assert model_pixels(data, CFG, pre).tobytes() == prepare(data, CFG, pre).pixels.tobytes()
+
+
+@pytest.mark.parametrize("name", ["local", "gpu"])
+def test_committed_deploy_files_equal_their_render(name):
+    committed = (ROOT / "deploy" / f"{name}.yaml").read_text()
+    assert committed == render_text(preset(name)), "run `orthovision render` and commit"
+    assert load_serve_file(ROOT / "deploy" / f"{name}.yaml") == preset(name)
+
+
+@pytest.mark.parametrize("name", ["local", "gpu"])
+def test_rendered_config_is_a_valid_serve_deploy_schema(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(serve_config(preset(name)))
+    assert schema.applications[0].import_path == "serve.app:build_app"
+
+
+def test_presets_differ_where_they_should():
+    local, gpu = preset("local").serve, preset("gpu").serve
+    assert local.device == "cpu" and local.host == "127.0.0.1"
+    assert gpu.backbone.num_gpus > 0 and gpu.preprocessor.autoscaled
+    assert gpu.store_url.startswith("redis://")
