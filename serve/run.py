@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,12 +69,16 @@ def run(config_file: Path, ready_timeout_s: float = 120.0) -> int:
         )
     out.write(f"\nOrthoVision Serve is ready at {url}  (API docs: {url}/docs). Ctrl-C stops it.\n")
     out.flush()
+    # Own handlers: Ray's driver may replace Python's default SIGINT handler.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        while not stop.wait(1.0):
+            pass
         out.write("stopping...\n")
     finally:
         serve.shutdown()
         ray.shutdown()
+    out.write("stopped.\n")
     return 0
