@@ -19,7 +19,7 @@ import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +113,7 @@ def btxrd_label(row: dict[str, str]) -> str | None:
     return "tumor-benign" if benign else "tumor-malignant"
 
 
-def iter_btxrd(
-    root: Path, image_dir: str | None = None, source: str = "btxrd"
-) -> Iterator[Sample]:
+def iter_btxrd(root: Path, image_dir: str | None = None, source: str = "btxrd") -> Iterator[Sample]:
     """A BTXRD download: `dataset.csv` (image_id, ..., tumor, benign, malignant, ...) + images.
 
     Group = patient id when the file has such a column, else the image id (the published
@@ -124,8 +122,10 @@ def iter_btxrd(
     label_file = root / "dataset.csv"
     if not label_file.is_file():
         raise DatasetFormatError(f"{root}: no dataset.csv (BTXRD layout)")
-    images = root / image_dir if image_dir else next(
-        (d for d in (root / "images", root / "Images") if d.is_dir()), root
+    images = (
+        root / image_dir
+        if image_dir
+        else next((d for d in (root / "images", root / "Images") if d.is_dir()), root)
     )
     with label_file.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
@@ -205,7 +205,9 @@ class CleaningReport:
 
     def lines(self) -> list[str]:
         head = f"cleaning: kept {self.kept}, dropped {len(self.dropped)} {self.counts()}"
-        return [head] + [f"  dropped {d['path']}: {d['reason']} ({d['detail']})" for d in self.dropped]
+        return [head] + [
+            f"  dropped {d['path']}: {d['reason']} ({d['detail']})" for d in self.dropped
+        ]
 
 
 class PixelCache:
@@ -276,7 +278,11 @@ def clean_and_cache(
             first = seen[digest]
             reason = "duplicate" if first.label == sample.label else "duplicate_label_conflict"
             report.dropped.append(
-                {"path": str(sample.path), "reason": reason, "detail": f"same bytes as {first.path}"}
+                {
+                    "path": str(sample.path),
+                    "reason": reason,
+                    "detail": f"same bytes as {first.path}",
+                }
             )
             continue
         arr = cache.get(digest)
@@ -332,12 +338,9 @@ def grouped_stratified_split(
         total = sum(group_sizes[g] for g in groups)
         targets = [f * total for f in fractions]
         filled = [0.0] * len(fractions)
-        # The first groups seed the small splits, so no split ends empty while groups last.
-        for i, group in enumerate(groups):
-            if i < len(fractions) and len(groups) >= len(fractions):
-                k = len(fractions) - 1 - i
-            else:
-                k = max(range(len(fractions)), key=lambda j: (targets[j] - filled[j]) / targets[j])
+        for group in groups:
+            # Relative deficit: the first three groups land in three different splits.
+            k = max(range(len(fractions)), key=lambda j: (targets[j] - filled[j]) / targets[j])
             assignment[group] = SPLITS[k]
             filled[k] += group_sizes[group]
     return [assignment[s.group] for s in samples]
@@ -454,7 +457,13 @@ class PreparedData:
     def split_rows(self) -> list[dict[str, str]]:
         """sha256/group/label/split per image: lets evaluation find the held-out images."""
         return [
-            {"sha256": s.sha256, "group": s.group, "label": s.label, "split": sp, "file": s.path.name}
+            {
+                "sha256": s.sha256,
+                "group": s.group,
+                "label": s.label,
+                "split": sp,
+                "file": s.path.name,
+            }
             for s, sp in zip(self.samples, self.splits, strict=True)
         ]
 
@@ -490,25 +499,3 @@ def read_split_csv(path: Path) -> dict[str, str]:
     """sha256 -> split name."""
     with path.open(newline="") as fh:
         return {row["sha256"]: row["split"] for row in csv.DictReader(fh)}
-
-
-__all__ = [
-    "CachedImageDataset",
-    "CleaningReport",
-    "DatasetFormatError",
-    "PixelCache",
-    "PreparedData",
-    "Sample",
-    "asdict",
-    "balanced_sampler",
-    "btxrd_label",
-    "class_weights",
-    "clean_and_cache",
-    "detect_source",
-    "grouped_stratified_split",
-    "iter_btxrd",
-    "iter_class_folders",
-    "iter_fracture_xray",
-    "iter_source",
-    "prepare_data",
-]

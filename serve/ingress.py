@@ -254,7 +254,7 @@ class Ingress:
         "/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}}
     )
     async def explanation_png(self, explanation_id: str) -> Response:
-        record = await self.store.get_explanation(explanation_id)
+        record = await self._explanation_record(explanation_id)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
         if record.state != "done":
@@ -264,10 +264,20 @@ class Ingress:
 
     @api.get("/v1/explanations/{explanation_id}")
     async def explanation(self, explanation_id: str) -> Response:
-        record = await self.store.get_explanation(explanation_id)
+        record = await self._explanation_record(explanation_id)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
         return self._explanation_state(record)
+
+    async def _explanation_record(self, explanation_id: str):
+        """The stored record; one left pending past its deadline (its ingress replica died
+        before recording the outcome) is failed here, so nothing stays pending forever."""
+        record = await self.store.get_explanation(explanation_id)
+        deadline_s = 2 * self.cfg.serve.explanation_timeout_s + 30
+        if record and record.state == "pending" and time.time() - record.updated_at > deadline_s:
+            await self.store.fail_explanation(explanation_id, "timed out")
+            record = await self.store.get_explanation(explanation_id)
+        return record
 
     def _explanation_state(self, record) -> JSONResponse:
         body = {"id": record.id, "request_id": record.request_id, "state": record.state}

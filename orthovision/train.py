@@ -1,0 +1,470 @@
+"""`train(cfg, out_dir) -> Path`: the paper's training, reproducible and leak-free.
+
+Paper 4.4-4.5: Adam, lr 1e-4, batch 32, gradient clipping, class-balanced sampling and
+loss, augmentation; the best epoch by validation macro-F1 (accuracy recorded too). Two
+modes, recorded in the model card:
+
+- "branches-then-ensemble" (the paper's order): every branch minimises its own
+  class-weighted cross-entropy and keeps its own best epoch; then, on frozen branches,
+  the fusion weights minimise the class-weighted NLL of the fused probabilities.
+  The branches' parameters are disjoint and Adam is per-parameter, so one data pass trains
+  them apart exactly (clipping is per branch too) at the cost of one decode.
+- "joint": one loss, the class-weighted NLL of log(fused probabilities), through every
+  parameter including the fusion weights.
+
+After training, temperature scaling is fitted on the validation split (minimum NLL) and
+the held-out test split is evaluated once, for the card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from orthovision.augment import train_augmentation
+from orthovision.checkpoint import CARD_FILE, save_checkpoint
+from orthovision.config import OrthoVisionConfig
+from orthovision.data import (
+    PreparedData,
+    balanced_sampler,
+    class_weights,
+    prepare_data,
+    write_split_csv,
+)
+from orthovision.evaluate import (
+    compute_report,
+    fused_probabilities,
+    predict_logits,
+    selection_metrics,
+)
+from orthovision.fusion import fusion_weights_from_params
+from orthovision.models import Ensemble, build_ensemble
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+SPLITS_FILE = "splits.csv"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    # bfloat16 needs no GradScaler; CPU autocast is slower than float32 on most CPUs.
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def weighted_nll(log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None):
+    """Class-weighted NLL, normalised by the weights of the batch (as cross_entropy does)."""
+    return nn.functional.nll_loss(log_probs, target, weight=weight)
+
+
+def fused_log_probs(model: Ensemble, branch_logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log of the fused probabilities at temperature 1 (the ensemble's training loss input)."""
+    weights = fusion_weights_from_params(model.fusion_params)
+    stacked = torch.stack(
+        [torch.log_softmax(branch_logits[n].float(), -1) for n in model.branch_names]
+    )
+    # log sum_k w_k p_k, stable in log space.
+    return torch.logsumexp(stacked + torch.log(weights).view(-1, 1, 1), dim=0)
+
+
+def fit_fusion_weights(
+    model: Ensemble,
+    logits: dict[str, np.ndarray],
+    targets: np.ndarray,
+    weight: torch.Tensor | None,
+    steps: int,
+    lr: float,
+) -> list[float]:
+    """Fusion parameters only (branches frozen), full batch Adam on cached branch logits."""
+    params = model.fusion_params
+    opt = torch.optim.Adam([params], lr=lr)
+    lg = {n: torch.as_tensor(v, device=params.device) for n, v in logits.items()}
+    y = torch.as_tensor(targets, device=params.device)
+    w = None if weight is None else weight.to(params.device)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = weighted_nll(fused_log_probs(model, lg), y, w)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+def fit_temperature(
+    logits: dict[str, np.ndarray], fusion_weights: np.ndarray, targets: np.ndarray
+) -> tuple[float, float, float]:
+    """Temperature scaling (Guo et al. 2017): T minimising the NLL of the fused probabilities.
+
+    A 1-D problem: a log-spaced grid then a local refinement; returns (T, nll@1, nll@T).
+    """
+
+    def nll(t: float) -> float:
+        probs = fused_probabilities(logits, fusion_weights, t)
+        return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))))
+
+    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 121))
+    best = min(grid, key=nll)
+    fine = best * np.exp(np.linspace(-0.06, 0.06, 25))
+    best = float(min(fine, key=nll))
+    return best, nll(1.0), nll(best)
+
+
+def _save_resolved_config(cfg: OrthoVisionConfig, out_dir: Path) -> None:
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _clip(params, max_norm: float | None) -> None:
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def train(
+    cfg: OrthoVisionConfig,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    data: PreparedData | None = None,
+    progress: bool = True,
+    evaluate_test: bool = True,
+) -> Path:
+    """Train, select, fuse, calibrate, test; write a checkpoint folder and return its path.
+
+    `out_dir` receives model.safetensors + model_card.json, config.yaml (the resolved
+    config), history.json, splits.csv and train_state.pt (for `resume`).
+    """
+    from tqdm import tqdm
+
+    tc = cfg.train
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    device = resolve_device(tc.device)
+    use_amp = tc.amp and device.type == "cuda"
+    seed_everything(tc.seed)
+
+    if data is None:
+        data = prepare_data(cfg, progress=progress)
+    _save_resolved_config(cfg, out_dir)
+    write_split_csv(data.split_rows(), out_dir / SPLITS_FILE)
+    classes = list(cfg.model.classes)
+    train_targets = data.targets("train")
+    if not train_targets:
+        raise ValueError("the training split is empty")
+    val_idx = data.indices("val")
+    val_targets = np.asarray(data.targets("val"), dtype=np.int64)
+    loss_weight = class_weights(train_targets, len(classes)) if tc.class_weighted_loss else None
+
+    model = build_ensemble(cfg.model).to(device)
+    branch_names = model.branch_names
+    branch_mode = tc.mode == "branches-then-ensemble"
+    if branch_mode:
+        # The fusion weights stay at their initial values until the branches are done.
+        model.fusion_params.requires_grad_(False)
+    opt = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
+    )
+
+    # Best states: per branch in the paper's mode, the whole ensemble when joint.
+    best: dict[str, dict] = {}
+    history: list[dict] = []
+    start_epoch = 0
+    state_path = out_dir / STATE_FILE
+    if resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        best = state["best"]
+        history = json.loads(state["history"])
+        start_epoch = int(state["epoch"])
+        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+
+    transform = train_augmentation(cfg.preprocess.image_size) if tc.augment else None
+    train_ds = data.dataset("train", transform)
+    w = None if loss_weight is None else loss_weight.to(device)
+    started = time.monotonic()
+    last_epoch_s = 0.0
+    for epoch in range(start_epoch, tc.epochs):
+        elapsed = time.monotonic() - started
+        if tc.max_train_time_s is not None and elapsed + last_epoch_s > tc.max_train_time_s:
+            log.info("time budget reached after %d epochs (%.0f s)", epoch, elapsed)
+            break
+        # Seeding per epoch makes a resumed run draw what an uninterrupted one would.
+        seed_everything(tc.seed + epoch)
+        sampler = balanced_sampler(train_targets, tc.seed + epoch) if tc.weighted_sampler else None
+        loader = DataLoader(
+            train_ds,
+            batch_size=tc.batch_size,
+            sampler=sampler,
+            shuffle=sampler is None,
+            num_workers=tc.num_workers,
+            drop_last=len(train_ds) > tc.batch_size,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(tc.seed + epoch),
+        )
+        model.train()
+        t0 = time.monotonic()
+        seen = correct = 0
+        loss_sum = 0.0
+        steps = (
+            len(loader)
+            if tc.max_steps_per_epoch is None
+            else min(len(loader), tc.max_steps_per_epoch)
+        )
+        bar = tqdm(
+            total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, mininterval=2
+        )
+        for step, (x, y) in enumerate(loader):
+            if step >= steps:
+                break
+            y = y.to(device, non_blocking=True)
+            with _autocast(device, use_amp):
+                out = {n: model.branch_forward(n, x) for n in branch_names}
+            if branch_mode:
+                losses = {n: nn.functional.cross_entropy(out[n].float(), y, weight=w) for n in out}
+                loss = sum(losses.values())
+            else:
+                loss = weighted_nll(fused_log_probs(model, out), y, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if branch_mode:  # apart: one clipping norm per branch
+                for n in branch_names:
+                    _clip(model.branches[n].parameters(), tc.grad_clip_norm)
+            else:
+                _clip(model.parameters(), tc.grad_clip_norm)
+            opt.step()
+            with torch.no_grad():
+                pred = fused_log_probs(model, out).argmax(-1)
+            seen += len(y)
+            correct += int((pred == y).sum())
+            loss_sum += float(loss) * len(y) / (len(branch_names) if branch_mode else 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        train_s = time.monotonic() - t0
+
+        val_logits = predict_logits(model, data.pixels[val_idx], tc.eval_batch_size, device)
+        fw = model.fusion_weights.cpu().numpy()
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            "train_images": seen,
+            "train_time_s": train_s,
+            "train_img_per_s": seen / train_s if train_s > 0 else None,
+            "val": {
+                "fused": selection_metrics(
+                    val_targets, fused_probabilities(val_logits, fw, 1.0), classes
+                ),
+                **{
+                    n: selection_metrics(val_targets, _softmax(val_logits[n]), classes)
+                    for n in branch_names
+                },
+            },
+        }
+        keys = branch_names if branch_mode else ["fused"]
+        for key in keys:
+            score = record["val"][key]["macro_f1"]
+            if key not in best or score > best[key]["macro_f1"]:
+                sub = model.branches[key] if branch_mode else model
+                best[key] = {
+                    "macro_f1": score,
+                    "accuracy": record["val"][key]["accuracy"],
+                    "epoch": epoch + 1,
+                    "state": {k: v.detach().cpu().clone() for k, v in sub.state_dict().items()},
+                }
+        record["epoch_time_s"] = time.monotonic() - t0
+        last_epoch_s = record["epoch_time_s"]
+        history.append(record)
+        log.info(
+            "epoch %d: loss %.4f acc %.3f | val macro-F1 %s | %.1f img/s",
+            epoch + 1,
+            record["train_loss"],
+            record["train_accuracy"],
+            {k: round(record["val"][k]["macro_f1"], 4) for k in record["val"]},
+            record["train_img_per_s"] or 0.0,
+        )
+        (out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "best": best,
+                "history": json.dumps(history),
+                "epoch": epoch + 1,
+            },
+            state_path,
+        )
+    train_wall_s = time.monotonic() - started
+
+    # Best epochs back in.
+    if branch_mode:
+        for n in branch_names:
+            if n in best:
+                model.branches[n].load_state_dict(best[n]["state"])
+    elif "fused" in best:
+        model.load_state_dict(best["fused"]["state"])
+    model.eval()
+
+    # Fusion weights on frozen branches (paper's second stage).
+    val_logits = predict_logits(model, data.pixels[val_idx], tc.eval_batch_size, device)
+    fusion_record: dict = {"fitted_on": None, "init": list(cfg.model.fusion_init)}
+    if branch_mode and tc.fusion_epochs > 0:
+        model.fusion_params.requires_grad_(True)
+        if tc.fusion_fit_split == "val":
+            fit_logits, fit_targets = val_logits, val_targets
+        else:
+            fit_idx = data.indices("train")
+            fit_logits = predict_logits(model, data.pixels[fit_idx], tc.eval_batch_size, device)
+            fit_targets = np.asarray(train_targets, dtype=np.int64)
+        if len(fit_targets):
+            losses = fit_fusion_weights(
+                model, fit_logits, fit_targets, loss_weight, tc.fusion_epochs, tc.fusion_lr
+            )
+            fusion_record.update(
+                {"fitted_on": tc.fusion_fit_split, "nll_start": losses[0], "nll_end": losses[-1]}
+            )
+        model.fusion_params.requires_grad_(False)
+    fw = model.fusion_weights.cpu().numpy()
+    fusion_record["weights"] = dict(zip(branch_names, fw.tolist(), strict=True))
+
+    # Temperature scaling on the validation split.
+    calibration: dict = {"fitted": False, "temperature": 1.0}
+    if tc.calibrate_temperature and len(val_targets):
+        t, nll_before, nll_after = fit_temperature(val_logits, fw, val_targets)
+        model.temperature.fill_(t)
+        calibration = {
+            "fitted": True,
+            "split": "val",
+            "temperature": t,
+            "val_nll_t1": nll_before,
+            "val_nll_calibrated": nll_after,
+        }
+    temperature = float(model.temperature)
+
+    val_probs = fused_probabilities(val_logits, fw, temperature)
+    validation = {
+        "fused": selection_metrics(val_targets, val_probs, classes),
+        **{
+            n: selection_metrics(val_targets, _softmax(val_logits[n]), classes)
+            for n in branch_names
+        },
+    }
+    validated = [c for c in data.classes_with_data("train") if c in data.classes_with_data("val")]
+
+    metrics: dict = {}
+    test_idx = data.indices("test")
+    if evaluate_test and test_idx:
+        test_logits = predict_logits(model, data.pixels[test_idx], tc.eval_batch_size, device)
+        report = compute_report(
+            test_logits,
+            np.asarray(data.targets("test"), dtype=np.int64),
+            [data.samples[i].group for i in test_idx],
+            classes,
+            fusion_weights=fw,
+            temperature=temperature,
+            branch_val_accuracy={n: validation[n]["accuracy"] for n in branch_names},
+            abstain_threshold=cfg.fusion.abstain_threshold,
+            n_bootstrap=1000,
+            seed=tc.seed,
+        )
+        metrics = {"split": "test", **report.card_metrics()}
+
+    throughputs = [h["train_img_per_s"] for h in history if h.get("train_img_per_s")]
+    training = {
+        "mode": tc.mode,
+        "device": str(device),
+        "amp": use_amp,
+        "epochs_run": len(history),
+        "epochs_configured": tc.epochs,
+        "best_epochs": {k: v["epoch"] for k, v in best.items()},
+        "wall_time_s": round(train_wall_s, 1),
+        "train_img_per_s": round(float(np.median(throughputs)), 2) if throughputs else None,
+        "backbones": {
+            b.name: {"timm_name": b.timm_name, "initial_weights": b.pretrained}
+            for b in cfg.model.backbones
+        },
+        "fusion": fusion_record,
+        "calibration": calibration,
+        "validation": validation,
+        "resumed": bool(resume and start_epoch),
+    }
+    data_summary = data.summary()
+    save_checkpoint(
+        model,
+        cfg,
+        out_dir,
+        validated_classes=validated,
+        trained=True,
+        data=data_summary,
+        metrics=metrics,
+    )
+    # The card has no slot for the training record; add it beside the others (the card's
+    # integrity check covers the weights, not the card text).
+    card_path = out_dir / CARD_FILE
+    card = json.loads(card_path.read_text())
+    card["training"] = training
+    card["notes"] = card_notes(cfg, validated)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    log.info("wrote %s (validated classes %s)", out_dir, validated)
+    return out_dir
+
+
+def card_notes(cfg: OrthoVisionConfig, validated: list[str]) -> list[str]:
+    notes = []
+    unvalidated = [c for c in cfg.model.classes if c not in validated]
+    if unvalidated:
+        notes.append(
+            f"No training and validation data for {unvalidated}: those outputs are not "
+            "validated and the service abstains when one of them is the top class."
+        )
+    for b in cfg.model.backbones:
+        if b.timm_name != b.name:
+            notes.append(f"Branch {b.name!r} is timm {b.timm_name!r}.")
+        if b.timm_name == "tf_efficientnet_lite0":
+            notes.append(
+                "The EfficientNet branch is EfficientNet-Lite0 (ImageNet initialised), not the "
+                "paper's EfficientNet-B0: only Lite0 ImageNet weights are available offline."
+            )
+        if b.pretrained == "none":
+            notes.append(f"Branch {b.name!r} was trained from random initialisation.")
+    return notes
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def copy_config(cfg: OrthoVisionConfig, **train_updates: object) -> OrthoVisionConfig:
+    """cfg with some `train` fields replaced (validated)."""
+    train_cfg = type(cfg.train).model_validate({**cfg.train.model_dump(), **train_updates})
+    return cfg.model_copy(update={"train": train_cfg})
