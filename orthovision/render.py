@@ -94,7 +94,8 @@ def serve_config(cfg: OrthoVisionConfig) -> dict:
                 "name": cfg.serve.app_name,
                 "route_prefix": "/",
                 "import_path": "serve.app:build_app",
-                "args": {"config": cfg.model_dump(mode="json")},
+                # Training settings are not the service's business.
+                "args": {"config": cfg.model_dump(mode="json", exclude={"train"})},
             }
         ],
     }
