@@ -116,9 +116,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from orthovision.k8s import render_k8s
     from orthovision.render import render_all
 
-    for path in render_all(args.out):
+    for path in [*render_all(args.out), *render_k8s(args.k8s_out)]:
         _out(f"wrote {path}")
     return EXIT_OK
 
@@ -144,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=PROJECT_ROOT / "deploy" / "local.yaml")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("render", help="write deploy/*.yaml from the config presets")
+    p = sub.add_parser("render", help="write deploy/*.yaml and k8s/* from the config presets")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "deploy")
+    p.add_argument("--k8s-out", type=Path, default=PROJECT_ROOT / "k8s")
     p.set_defaults(func=cmd_render)
     return parser
 
