@@ -143,6 +143,31 @@ class BatchConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
 
 
+Scope = Literal["predict", "batch", "explain", "read", "dicomweb"]
+
+
+class TenantConfig(_Strict):
+    """One hospital (tenant): its hashed API key, what it may call, and its limits."""
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")  # also a metric label: keep it short
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    scopes: tuple[Scope, ...] = ("predict", "batch", "explain", "read", "dicomweb")
+    rate_per_s: float = Field(20.0, gt=0)
+    burst: int = Field(40, ge=1)
+    daily_quota: int | None = Field(None, ge=1)
+
+
+class SecurityConfig(_Strict):
+    # "none" is allowed only when the service binds a loopback address (checked at start).
+    auth: Literal["api-key", "none"] = "none"
+    header: str = "X-API-Key"
+    tenants: tuple[TenantConfig, ...] = ()
+    # Plain `tenant=key,...` pairs (e.g. from a Kubernetes Secret); hashed on load.
+    api_keys_env: str = "ORTHOVISION_API_KEYS"
+    # Scopes and limits given to tenants that come from the environment.
+    default_tenant: TenantConfig = TenantConfig(id="default", key_sha256="0" * 64)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -155,6 +180,7 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(30.0, gt=0)
     explanation_timeout_s: float = Field(120.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
     ingress: DeploymentConfig = DeploymentConfig(
         num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
@@ -214,6 +240,9 @@ class TrainConfig(_Strict):
     # Cap on optimizer steps per epoch (None: a full pass); for smoke tests and reduced budgets.
     max_steps_per_epoch: int | None = Field(None, ge=1)
     grad_clip_norm: float | None = Field(1.0, gt=0)
+    # Parameter-name prefixes (e.g. "branches.efficientnet_lite0.blocks.0") kept frozen: an
+    # ImageNet branch's early stages on a CPU budget (no backward through the big maps).
+    frozen_prefixes: tuple[str, ...] = ()
     # Fusion weights (and nothing else) after the branches, on frozen-branch logits.
     fusion_epochs: int = Field(200, ge=0)
     fusion_lr: float = Field(1e-2, gt=0)
@@ -229,9 +258,13 @@ class TrainConfig(_Strict):
     num_threads: int | None = Field(None, ge=1)  # torch.set_num_threads; None: leave as is
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bfloat16 autocast on CUDA only
+    # NHWC: ~1.5x faster depthwise convs on CPU (measured: Lite0 10.8 -> 16.4 img/s, 2 cores)
+    channels_last: bool = True
     # Preprocessed uint8 tensors, keyed by sha256 of the file + preprocess hash.
     cache_dir: str = "~/.cache/orthovision/pixels"
     eval_batch_size: int = Field(64, ge=1)
+    # Resamples for the bootstrap CIs of the held-out metrics in the card.
+    bootstrap_samples: int = Field(1000, ge=0)
 
     @field_validator("split_fractions")
     @classmethod

@@ -60,6 +60,8 @@ def preset(name: str) -> OrthoVisionConfig:
         return OrthoVisionConfig(
             serve=ServeConfig(
                 host="0.0.0.0",
+                # Off loopback, API keys are mandatory; they come from a Secret as env.
+                security={"auth": "api-key"},
                 device="cuda",
                 store_url="redis://orthovision-redis:6379/0",
                 batch={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},

@@ -9,6 +9,7 @@ from ray.serve import Application
 
 from orthovision.config import OrthoVisionConfig
 from orthovision.render import deployment_options
+from serve.auth import check_binding
 from serve.backbone import BackboneDeployment
 from serve.explainer import ExplainerDeployment
 from serve.fusion import FusionDeployment
@@ -28,6 +29,7 @@ def build_app(args: AppArgs | dict) -> Application:
         args = AppArgs.model_validate(args or {})
     cfg = args.config
     s = cfg.serve
+    check_binding(s)  # fail in the driver, with the reason, before any replica starts
     config = cfg.model_dump(mode="json")
     preprocessor = PreprocessorDeployment.options(
         name="Preprocessor", **deployment_options(s.preprocessor)

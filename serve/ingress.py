@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from orthovision.errors import InputError, InputTooLarge
 from orthovision.schema import ErrorResponse, Prediction
+from serve.auth import Authenticator, AuthError
 from serve.metrics import metrics
 from serve.runtime import config_from
 from serve.store import StoreUnavailable, open_store
@@ -59,6 +60,11 @@ def error_response(
         headers["X-Request-ID"] = request_id
     body = {"error": {"code": code, "message": message}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+@api.exception_handler(AuthError)
+async def _auth_error(_req: Request, exc: AuthError) -> JSONResponse:
+    return error_response(exc.http_status, exc.code, exc.message, exc.retry_after_s)
 
 
 @api.exception_handler(InputError)
@@ -99,6 +105,18 @@ def current_request_id() -> str:
     return rid if rid and SAFE_REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
 
 
+@api.middleware("http")
+async def count_requests(request: Request, call_next):
+    """orthovision_requests_total by tenant, route template and status (bounded labels)."""
+    response = await call_next(request)
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    tenant = getattr(request.state, "tenant", "anonymous")
+    metrics().requests.inc(
+        tags={"tenant": tenant, "route": route, "status": str(response.status_code)}
+    )
+    return response
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused as soon as it passes max_bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
@@ -128,7 +146,13 @@ class Ingress:
         self.preprocessor, self.backbones = preprocessor, backbones
         self.fusion, self.explainer = fusion, explainer
         self.store = open_store(self.cfg.serve.store_url)
+        self.auth = Authenticator.from_config(self.cfg.serve)
         self._explanations: set[asyncio.Task] = set()
+
+    def guard(self, request: Request, scope: str) -> str:
+        """Authenticate and rate-limit; the tenant id (a bounded label) or an AuthError."""
+        request.state.tenant = self.auth.authenticate(request.headers.get(self.auth.header), scope)
+        return request.state.tenant
 
     # ---- the road of one image -------------------------------------------------------
     async def _predict_bytes(self, data: bytes, request_id: str, want_explanation: bool) -> dict:
@@ -185,6 +209,7 @@ class Ingress:
         summary="Classify one radiograph (raw body or multipart field `file`)",
     )
     async def predict(self, request: Request, explain: bool = False) -> Response:
+        self.guard(request, "explain" if explain else "predict")
         request_id = current_request_id()
         data = await self._single_image(request)
         result = await self._predict_bytes(data, request_id, explain)
@@ -227,6 +252,7 @@ class Ingress:
         summary="Classify up to max_batch_items radiographs (multipart); results in order",
     )
     async def predict_batch(self, request: Request) -> Response:
+        self.guard(request, "batch")
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
             raise InputError("batch requests must be multipart/form-data with one file per part")
@@ -253,7 +279,8 @@ class Ingress:
     @api.get(
         "/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}}
     )
-    async def explanation_png(self, explanation_id: str) -> Response:
+    async def explanation_png(self, request: Request, explanation_id: str) -> Response:
+        self.guard(request, "read")
         record = await self._explanation_record(explanation_id)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
@@ -263,7 +290,8 @@ class Ingress:
         return Response(png, media_type="image/png")
 
     @api.get("/v1/explanations/{explanation_id}")
-    async def explanation(self, explanation_id: str) -> Response:
+    async def explanation(self, request: Request, explanation_id: str) -> Response:
+        self.guard(request, "read")
         record = await self._explanation_record(explanation_id)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
@@ -291,7 +319,8 @@ class Ingress:
         return JSONResponse(body)
 
     @api.get("/v1/model", summary="The model card")
-    async def model(self) -> dict:
+    async def model(self, request: Request) -> dict:
+        self.guard(request, "read")
         return await self.fusion.model_card.remote()
 
     @api.get("/healthz")

@@ -16,6 +16,11 @@ BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
 class Metrics:
     def __init__(self) -> None:
+        self.requests = Counter(
+            "orthovision_requests_total",
+            description="HTTP requests by tenant (ids from config: bounded), route and status.",
+            tag_keys=("tenant", "route", "status"),
+        )
         self.predictions = Counter(
             "orthovision_predictions_total",
             description="Predictions returned, by label (abstained ones as 'abstained').",

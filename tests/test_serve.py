@@ -12,6 +12,7 @@ import pytest
 from conftest import SHARED, make_dicom, make_jpeg, make_png, requires_shared
 
 pytestmark = pytest.mark.serve
+KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
 
 ray = pytest.importorskip("ray")
 
@@ -38,6 +39,7 @@ def app(tmp_path_factory):
     from orthovision.config import ModelConfig, OrthoVisionConfig, ServeConfig
     from orthovision.models import build_ensemble
     from serve.app import AppArgs, build_app
+    from serve.auth import hash_key
 
     tmp = tmp_path_factory.mktemp("serve")
     model_cfg = ModelConfig(
@@ -55,6 +57,24 @@ def app(tmp_path_factory):
             checkpoint=str(tmp / "ckpt"),
             store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
             batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            security={
+                "auth": "api-key",
+                "tenants": [
+                    {
+                        "id": "hospital-a",
+                        "key_sha256": hash_key(KEY),
+                        "rate_per_s": 1000,
+                        "burst": 1000,
+                    },
+                    {
+                        "id": "viewer",
+                        "key_sha256": hash_key(VIEWER_KEY),
+                        "scopes": ["read"],
+                        "rate_per_s": 0.2,
+                        "burst": 2,
+                    },
+                ],
+            },
         ),
     )
     torch.manual_seed(0)
@@ -74,7 +94,7 @@ def app(tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(config=cfg)), name="orthovision", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
+    client = httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": KEY})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -237,3 +257,19 @@ def test_custom_metrics_exported_with_batches_over_one(app):
     assert count > 0 and total / count > 1.0, "no dynamic batching under concurrent load"
     assert metric_sum(text, "ray_orthovision_rejected_inputs_total") >= 1
     assert "PatientName" not in text and "Leaky" not in text
+
+
+def test_auth_401_403_429(app):
+    c = app["client"]
+    png = make_png(radiograph(11))
+    missing = httpx.post(str(c.base_url) + "/v1/predict", content=png, timeout=30)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+    wrong = c.post("/v1/predict", content=png, headers={"X-API-Key": "nope"})
+    assert wrong.status_code == 401
+    viewer = {"X-API-Key": VIEWER_KEY}
+    assert c.post("/v1/predict", content=png, headers=viewer).status_code == 403
+    codes = [c.get("/v1/model", headers=viewer).status_code for _ in range(4)]
+    assert codes[0] == 200 and 429 in codes
+    limited = c.get("/v1/model", headers=viewer)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert c.get("/healthz", headers={}).status_code == 200  # probes need no key

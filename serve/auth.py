@@ -1,0 +1,160 @@
+"""API-key authentication, per-tenant scopes, rate limits and daily quotas.
+
+Keys are never stored in clear: config holds sha256 hashes, and keys given through the
+environment (a Kubernetes Secret mounted as env) are hashed on load and dropped.
+Limits are per ingress replica (token buckets in memory); with N ingress replicas a
+tenant's effective rate is up to N times its configured rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from orthovision.config import SecurityConfig, ServeConfig, TenantConfig
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+
+
+class AuthError(Exception):
+    http_status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class Forbidden(AuthError):
+    http_status = 403
+    code = "forbidden"
+
+
+class RateLimited(AuthError):
+    http_status = 429
+    code = "rate_limited"
+
+
+class QuotaExceeded(AuthError):
+    http_status = 429
+    code = "quota_exceeded"
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tenants_from_env(value: str | None, defaults: TenantConfig | None = None) -> list[TenantConfig]:
+    """`tenant=key[,tenant=key...]` (the Secret's value) -> tenants with hashed keys."""
+    tenants = []
+    for item in filter(None, (part.strip() for part in (value or "").split(","))):
+        tenant_id, sep, key = item.partition("=")
+        if not sep or not key:
+            raise ValueError("API keys must look like tenant=key[,tenant=key...]")
+        base = defaults.model_dump() if defaults else {}
+        base.update(id=tenant_id.strip(), key_sha256=hash_key(key.strip()))
+        tenants.append(TenantConfig.model_validate(base))
+    return tenants
+
+
+def check_binding(serve_cfg: ServeConfig) -> None:
+    """No authentication is allowed only on a loopback address."""
+    if serve_cfg.security.auth == "none" and not is_loopback(serve_cfg.host):
+        raise RuntimeError(
+            f"refusing to start: authentication is off but the service binds {serve_cfg.host}; "
+            "running without API keys is allowed only on localhost (set security.auth)"
+        )
+
+
+def check_startup(serve_cfg: ServeConfig, tenants: list[TenantConfig]) -> None:
+    """Refuse unsafe deployments before any request is served."""
+    security = serve_cfg.security
+    check_binding(serve_cfg)
+    if security.auth == "api-key" and not tenants:
+        raise RuntimeError(
+            f"refusing to start: security.auth is api-key but no tenants are configured "
+            f"(config security.tenants or the {security.api_keys_env} environment variable)"
+        )
+
+
+@dataclass
+class _Bucket:
+    rate_per_s: float
+    burst: float
+    tokens: float
+    updated: float = field(default_factory=time.monotonic)
+
+    def take(self) -> float:
+        """0 when a token was taken, else the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate_per_s)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate_per_s
+
+
+class Authenticator:
+    def __init__(self, security: SecurityConfig, tenants: list[TenantConfig]) -> None:
+        self.enabled = security.auth == "api-key"
+        self.header = security.header.lower()
+        self._by_hash = {t.key_sha256: t for t in tenants}
+        self._buckets = {t.id: _Bucket(t.rate_per_s, t.burst, t.burst) for t in tenants}
+        self._day: dict[str, tuple[int, int]] = {}  # tenant -> (utc day, count)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, serve_cfg: ServeConfig) -> Authenticator:
+        security = serve_cfg.security
+        tenants = list(security.tenants) + tenants_from_env(
+            os.environ.get(security.api_keys_env), security.default_tenant
+        )
+        check_startup(serve_cfg, tenants)
+        return cls(security, tenants)
+
+    @property
+    def tenant_ids(self) -> set[str]:
+        return {t.id for t in self._by_hash.values()}
+
+    def authenticate(self, api_key: str | None, scope: str) -> str:
+        """The tenant id for a key allowed `scope`; raises AuthError (401/403/429)."""
+        if not self.enabled:
+            return "local"
+        if not api_key:
+            raise AuthError(f"missing API key (header {self.header})")
+        digest = hash_key(api_key)
+        tenant = next((t for h, t in self._by_hash.items() if hmac.compare_digest(h, digest)), None)
+        if tenant is None:
+            raise AuthError("invalid API key")
+        if scope not in tenant.scopes:
+            raise Forbidden(f"this API key may not use {scope!r}")
+        with self._lock:
+            wait_s = self._buckets[tenant.id].take()
+            if wait_s > 0:
+                raise RateLimited("rate limit exceeded", retry_after_s=max(1, math.ceil(wait_s)))
+            if tenant.daily_quota is not None:
+                day = int(time.time() // 86400)
+                seen_day, count = self._day.get(tenant.id, (day, 0))
+                count = count if seen_day == day else 0
+                if count >= tenant.daily_quota:
+                    retry = int(86400 - time.time() % 86400) + 1
+                    raise QuotaExceeded("daily quota exhausted", retry_after_s=retry)
+                self._day[tenant.id] = (day, count + 1)
+        return tenant.id
