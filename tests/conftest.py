@@ -197,3 +197,13 @@ def jpeg_bytes():
 @pytest.fixture
 def dicom_bytes():
     return make_dicom
+
+
+@pytest.fixture(scope="session")
+def live_app(tmp_path_factory):
+    """The one live Ray Serve app of the session (see tests/liveapp.py)."""
+    from liveapp import start_live_app, stop_live_app
+
+    app = start_live_app(tmp_path_factory.mktemp("live-app"))
+    yield app
+    stop_live_app(app)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,105 +9,14 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SHARED, make_dicom, make_jpeg, make_png, requires_shared
+from liveapp import VIEWER_KEY, radiograph
 
 pytestmark = pytest.mark.serve
-KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
-
-ray = pytest.importorskip("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def radiograph(seed: int = 0, h: int = 320, w: int = 256) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w), 35.0)
-    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 175 + seed
-    return (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    import torch
-    from ray import serve
-
-    from orthovision.checkpoint import save_checkpoint
-    from orthovision.config import ModelConfig, OrthoVisionConfig, ServeConfig
-    from orthovision.models import build_ensemble
-    from serve.app import AppArgs, build_app
-    from serve.auth import hash_key
-
-    tmp = tmp_path_factory.mktemp("serve")
-    model_cfg = ModelConfig(
-        backbones=(
-            {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
-            {"name": "resnet18", "timm_name": "test_resnet"},
-        )
-    )
-    port, metrics_port = free_port(), free_port()
-    cfg = OrthoVisionConfig(
-        model=model_cfg,
-        serve=ServeConfig(
-            port=port,
-            device="cpu",
-            checkpoint=str(tmp / "ckpt"),
-            store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
-            batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-            security={
-                "auth": "api-key",
-                "tenants": [
-                    {
-                        "id": "hospital-a",
-                        "key_sha256": hash_key(KEY),
-                        "rate_per_s": 1000,
-                        "burst": 1000,
-                    },
-                    {
-                        "id": "viewer",
-                        "key_sha256": hash_key(VIEWER_KEY),
-                        "scopes": ["read"],
-                        "rate_per_s": 0.2,
-                        "burst": 2,
-                    },
-                ],
-            },
-        ),
-    )
-    torch.manual_seed(0)
-    save_checkpoint(
-        build_ensemble(cfg.model),
-        cfg,
-        tmp / "ckpt",
-        validated_classes=["fracture", "non-affected"],
-        trained=False,
-    )
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-        configure_logging=False,
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppArgs(config=cfg)), name="orthovision", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": KEY})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if client.get("/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("app not ready in 120 s")
-    yield {"client": client, "metrics_port": metrics_port, "cfg": cfg}
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
+def app(live_app):
+    return {"client": live_app.client, "metrics_port": live_app.metrics_port, "cfg": live_app.cfg}
 
 
 def test_health_ready_model_openapi(app):

@@ -1,0 +1,119 @@
+"""One live Ray Serve app per test session (tiny timm backbones, API keys, fractional CPUs).
+
+Every `serve`-marked test file uses the session fixture `live_app` from conftest.py, so the
+suite pays for one Ray start.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def radiograph(seed: int = 0, h: int = 320, w: int = 256) -> np.ndarray:
+    """A synthetic radiograph-like image: dark background, a bright 'bone', noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 35.0)
+    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 175 + seed
+    return (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+@dataclass
+class LiveApp:
+    url: str
+    client: httpx.Client  # sends the hospital-a key by default
+    metrics_port: int
+    cfg: object  # OrthoVisionConfig
+    tmp: Path
+
+
+def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
+    import ray
+    import torch
+    from ray import serve
+
+    from orthovision.checkpoint import save_checkpoint
+    from orthovision.config import ModelConfig, OrthoVisionConfig, ServeConfig
+    from orthovision.models import build_ensemble
+    from serve.app import AppArgs, build_app
+    from serve.auth import hash_key
+
+    model_cfg = ModelConfig(
+        backbones=(
+            {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
+            {"name": "resnet18", "timm_name": "test_resnet"},
+        )
+    )
+    port, metrics_port = free_port(), free_port()
+    tenants = [
+        {"id": "hospital-a", "key_sha256": hash_key(KEY), "rate_per_s": 1000, "burst": 1000},
+        {
+            "id": "viewer",
+            "key_sha256": hash_key(VIEWER_KEY),
+            "scopes": ["read"],
+            "rate_per_s": 0.2,
+            "burst": 2,
+        },
+    ]
+    cfg = OrthoVisionConfig(
+        model=model_cfg,
+        serve=ServeConfig(
+            port=port,
+            device="cpu",
+            checkpoint=str(tmp / "ckpt"),
+            store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
+            batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            security={"auth": "api-key", "tenants": tenants},
+        ),
+    )
+    torch.manual_seed(0)
+    save_checkpoint(
+        build_ensemble(cfg.model),
+        cfg,
+        tmp / "ckpt",
+        validated_classes=["fracture", "non-affected"],
+        trained=False,
+    )
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _metrics_export_port=metrics_port,
+        configure_logging=False,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(AppArgs(config=cfg)), name="orthovision", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": KEY})
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return LiveApp(url, client, metrics_port, cfg, tmp)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_live_app(None)
+    raise RuntimeError(f"app not ready in {ready_timeout_s:.0f} s")
+
+
+def stop_live_app(app: LiveApp | None) -> None:
+    import ray
+    from ray import serve
+
+    if app is not None:
+        app.client.close()
+    serve.shutdown()
+    ray.shutdown()
