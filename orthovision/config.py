@@ -178,8 +178,13 @@ class ServeConfig(_Strict):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_batch_items: int = Field(32, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    # A whole upload must arrive within this: a trickling client cannot hold a slot forever.
+    body_timeout_s: float = Field(30.0, gt=0)
     explanation_timeout_s: float = Field(120.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Backbone engine on CPU replicas: eager torch (channels_last, inference mode) or ONNX
+    # Runtime (exported from the checkpoint; agreement with fp32 in docs/PERFORMANCE.md).
+    cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
     ingress: DeploymentConfig = DeploymentConfig(

@@ -34,6 +34,13 @@ class InputTooLarge(InputError):
     code = "too_large"
 
 
+class BodyTimeout(InputError):
+    """The upload did not finish within the configured time (a slow or stalled client)."""
+
+    http_status = 408
+    code = "body_timeout"
+
+
 class UnsupportedFormat(InputError):
     http_status = 415
     code = "unsupported_format"

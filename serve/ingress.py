@@ -23,7 +23,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orthovision.errors import InputError, InputTooLarge
+from orthovision.errors import BodyTimeout, InputError, InputTooLarge
 from orthovision.schema import ErrorResponse, Prediction
 from serve.auth import Authenticator, AuthError
 from serve.metrics import metrics
@@ -117,17 +117,22 @@ async def count_requests(request: Request, call_next):
     return response
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused as soon as it passes max_bytes (declared or streamed)."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, refused as soon as it passes max_bytes (declared or streamed) or takes
+    longer than timeout_s to arrive."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise InputTooLarge(f"request body of {declared} bytes exceeds {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise InputTooLarge(f"request body exceeds {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InputTooLarge(f"request body exceeds {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {timeout_s:.0f} s") from None
     return b"".join(chunks)
 
 
@@ -217,7 +222,9 @@ class Ingress:
 
     async def _single_image(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request, self.cfg.serve.max_body_bytes)
+        body = await read_body(
+            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
+        )
         if ctype == "multipart/form-data":
             parts = await self._parts(request, body, limit=1)
             if not parts:
@@ -256,7 +263,9 @@ class Ingress:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "multipart/form-data":
             raise InputError("batch requests must be multipart/form-data with one file per part")
-        body = await read_body(request, self.cfg.serve.max_body_bytes)
+        body = await read_body(
+            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
+        )
         limit = self.cfg.serve.max_batch_items
         parts = await self._parts(request, body, limit)
         if not parts:

@@ -76,6 +76,8 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
             checkpoint=str(tmp / "ckpt"),
             store_url=f"sqlite:///{tmp / 'store.sqlite3'}",
             batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            max_body_bytes=8 * 1024 * 1024,
+            body_timeout_s=2.0,
             security={"auth": "api-key", "tenants": tenants},
         ),
     )
