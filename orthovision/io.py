@@ -20,7 +20,7 @@ import math
 import struct
 import warnings
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -94,11 +94,17 @@ class DecodedImage:
     frame_index: int = 0
     transfer_syntax: str | None = None
     reduced_factor: int = 1
+    # DICOM inputs only: the source's UIDs and its patient/study module attributes, for
+    # DICOM outputs (SR, SC) filed beside the source. May identify a patient: never in
+    # metadata(), repr, logs or errors.
+    dicom_source: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def metadata(self) -> dict:
-        """JSON-safe dict of everything but the pixels (no patient identifiers are kept)."""
+        """JSON-safe dict of everything but the pixels and the DICOM source (no patient
+        identifiers are kept)."""
         meta = asdict(self)
         meta.pop("pixels")
+        meta.pop("dicom_source")
         for key in ("original_size", "pixel_spacing_mm"):
             if meta[key] is not None:
                 meta[key] = list(meta[key])
@@ -263,6 +269,11 @@ def _pil_to_grey(img: Image.Image, factor: int) -> tuple[np.ndarray, float]:
 # --------------------------------------------------------------------------- PNG
 
 
+# A radiograph needs no megabytes of comments: such chunks only cost memory and time.
+PNG_METADATA_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"iCCP"}
+PNG_MAX_METADATA_BYTES = 1 << 20
+
+
 def _walk_png_chunks(data: bytes, cfg: DecodeConfig) -> None:
     """Check IHDR bounds and every chunk's length and CRC before Pillow decodes.
 
@@ -271,11 +282,18 @@ def _walk_png_chunks(data: bytes, cfg: DecodeConfig) -> None:
     """
     pos = len(PNG_SIGNATURE)
     first = True
+    metadata_bytes = 0
     while pos + 12 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         end = pos + 12 + length
         if end > len(data):
             raise UndecodableImage("PNG chunk runs past the end of the file (truncated)")
+        if kind in PNG_METADATA_CHUNKS:
+            metadata_bytes += length
+            if metadata_bytes > PNG_MAX_METADATA_BYTES:
+                raise InputTooLarge(
+                    f"PNG text/metadata chunks exceed {PNG_MAX_METADATA_BYTES} bytes"
+                )
         if first:
             if kind != b"IHDR" or length != 13:
                 raise UndecodableImage("PNG does not start with an IHDR chunk")
@@ -361,6 +379,44 @@ def _decode_jpeg(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
 
 
 # --------------------------------------------------------------------------- DICOM
+
+# What a DICOM output (SR, Secondary Capture) needs to be filed beside its source: the
+# source's references, plus the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1),
+# which a PACS matches on. Value Representation maximum lengths (PS3.5 6.2) bound each value.
+DICOM_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+DICOM_SOURCE_ATTRIBUTES = {
+    "PatientName": 64 * 5,
+    "PatientID": 64,
+    "IssuerOfPatientID": 64,
+    "PatientBirthDate": 8,
+    "PatientSex": 16,
+    "StudyDate": 8,
+    "StudyTime": 16,
+    "StudyID": 16,
+    "AccessionNumber": 16,
+    "ReferringPhysicianName": 64 * 5,
+    "StudyDescription": 64,
+    "SeriesNumber": 12,
+    "Laterality": 16,
+}
+
+
+def _dicom_source(ds) -> dict[str, str] | None:
+    """The source references and patient/study attributes as plain strings, or None when a
+    reference UID is missing or malformed (then no DICOM output can point at the source)."""
+    from pydicom.uid import UID
+
+    source: dict[str, str] = {}
+    for keyword in DICOM_SOURCE_UIDS:
+        value = str(ds.get(keyword, "") or "").strip()
+        if not value or not UID(value).is_valid:
+            return None
+        source[keyword] = value
+    for keyword, max_len in DICOM_SOURCE_ATTRIBUTES.items():
+        value = ds.get(keyword)
+        if value is not None and str(value).strip():
+            source[keyword] = str(value).strip()[:max_len]
+    return source
 
 
 def _check_element_lengths(ds) -> None:
@@ -468,6 +524,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None
         has_pixels = "PixelData" in ds
         ts_uid = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        source = _dicom_source(ds)
     except parse_errors:
         raise UndecodableImage("DICOM file cannot be parsed") from None
 
@@ -558,6 +615,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
         frame_index=0,
         transfer_syntax=ts_name,
         reduced_factor=factor,
+        dicom_source=source,
     )
 
 
