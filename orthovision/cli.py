@@ -1,4 +1,7 @@
-"""`orthovision` command line: predict, init-checkpoint, serve. Thin wrappers over the library."""
+"""`orthovision` command line: predict, init-checkpoint, serve, render, train, evaluate, compare.
+
+Thin wrappers over the library.
+"""
 
 from __future__ import annotations
 
@@ -124,6 +127,65 @@ def cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config_with_overrides(path: Path | None, overrides: list[str]):
+    """YAML config, then `section.key=value` overrides (values parsed as YAML)."""
+    import yaml
+
+    from orthovision.config import OrthoVisionConfig
+
+    data: dict = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"override {item!r} is not KEY=VALUE (e.g. train.epochs=3)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return OrthoVisionConfig.model_validate(data)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orthovision.train import train
+
+    logging.getLogger("orthovision").setLevel(logging.INFO)
+    cfg = _config_with_overrides(args.config, args.overrides)
+    path = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    _out(f"wrote checkpoint to {path}")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from orthovision.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.out,
+        split=args.split,
+        n_bootstrap=args.bootstrap,
+        progress=not args.no_progress,
+    )
+    _out(json.dumps(report.summary(), indent=1))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from orthovision.report import comparison_table
+    from orthovision.train import PAPER_BACKBONES, compare_backbones
+
+    logging.getLogger("orthovision").setLevel(logging.INFO)
+    cfg = _config_with_overrides(args.config, args.overrides)
+    rows = compare_backbones(
+        cfg, args.backbones or PAPER_BACKBONES, args.out, progress=not args.no_progress
+    )
+    _out(comparison_table(rows, cfg.train))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +211,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "deploy")
     p.add_argument("--k8s-out", type=Path, default=PROJECT_ROOT / "k8s")
     p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("train", help="train a checkpoint (train(cfg) -> folder)")
+    p.add_argument("-c", "--config", type=Path, help="YAML config (OrthoVisionConfig)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, plots and report of a checkpoint on a dataset")
+    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (any layout)")
+    p.add_argument("--out", type=Path, help="write metrics.json, PNG plots, report.md here")
+    p.add_argument(
+        "--split",
+        choices=("all", "train", "val", "test"),
+        default="all",
+        help="images of the checkpoint's recorded split only (splits.csv, by sha256)",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC CIs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="train backbones under identical conditions; print table")
+    p.add_argument("-c", "--config", type=Path, help="YAML config (its train section is shared)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--backbones", nargs="+", metavar="TIMM[:INIT]", help="default: the paper's")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -23,6 +23,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def fit_fusion_weights(
         loss = weighted_nll(fused_log_probs(model, lg), y, w)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -183,7 +184,16 @@ def train(
     loss_weight = class_weights(train_targets, len(classes)) if tc.class_weighted_loss else None
 
     model = build_ensemble(cfg.model).to(device)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
     branch_names = model.branch_names
+    frozen = [n for n, p in model.named_parameters() if n.startswith(tc.frozen_prefixes or ("\0",))]
+    if tc.frozen_prefixes and not frozen:
+        raise ValueError(f"frozen_prefixes {tc.frozen_prefixes} match no parameter")
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
     branch_mode = tc.mode == "branches-then-ensemble"
     if branch_mode:
         # The fusion weights stay at their initial values until the branches are done.
@@ -264,7 +274,7 @@ def train(
                 pred = fused_log_probs(model, out).argmax(-1)
             seen += len(y)
             correct += int((pred == y).sum())
-            loss_sum += float(loss) * len(y) / (len(branch_names) if branch_mode else 1)
+            loss_sum += float(loss.detach()) * len(y) / (len(branch_names) if branch_mode else 1)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
@@ -332,6 +342,7 @@ def train(
     elif "fused" in best:
         model.load_state_dict(best["fused"]["state"])
     model.eval()
+    model.channels_last = False  # a serving choice, not a property of the checkpoint
 
     # Fusion weights on frozen branches (paper's second stage).
     val_logits = predict_logits(model, data.pixels[val_idx], tc.eval_batch_size, device)
@@ -392,7 +403,7 @@ def train(
             temperature=temperature,
             branch_val_accuracy={n: validation[n]["accuracy"] for n in branch_names},
             abstain_threshold=cfg.fusion.abstain_threshold,
-            n_bootstrap=1000,
+            n_bootstrap=tc.bootstrap_samples,
             seed=tc.seed,
         )
         metrics = {"split": "test", **report.card_metrics()}
@@ -411,6 +422,10 @@ def train(
             b.name: {"timm_name": b.timm_name, "initial_weights": b.pretrained}
             for b in cfg.model.backbones
         },
+        "frozen_prefixes": list(tc.frozen_prefixes),
+        "frozen_parameters": int(
+            sum(p.numel() for n, p in model.named_parameters() if n in frozen)
+        ),
         "fusion": fusion_record,
         "calibration": calibration,
         "validation": validation,
@@ -468,3 +483,75 @@ def copy_config(cfg: OrthoVisionConfig, **train_updates: object) -> OrthoVisionC
     """cfg with some `train` fields replaced (validated)."""
     train_cfg = type(cfg.train).model_validate({**cfg.train.model_dump(), **train_updates})
     return cfg.model_copy(update={"train": train_cfg})
+
+
+# ---------------------------------------------------------------------------------------
+# Backbone comparison (paper Table 04)
+
+# timm name and initial weights; only Lite0 has ImageNet weights offline, so the paper's
+# ImageNet-initialised backbones train from scratch here (stated in the table).
+PAPER_BACKBONES: tuple[str, ...] = (
+    "efficientnet_b0",
+    "efficientnetv2_rw_s",
+    "mobilenetv3_small_100",
+    "rexnet_100",
+    "convnextv2_femto",
+    "tf_efficientnet_lite0:lite0-package",
+)
+
+
+def compare_backbones(
+    cfg: OrthoVisionConfig,
+    backbones: Sequence[str],
+    out_dir: Path | str,
+    *,
+    progress: bool = False,
+    data: PreparedData | None = None,
+) -> list[dict]:
+    """Train each backbone alone under identical conditions (data, split, seed, budget).
+
+    `backbones`: "timm_name" or "timm_name:initial_weights". Scored on the validation
+    split (a model-selection question; the test split stays untouched). Returns one row
+    per backbone and writes compare.json.
+    """
+    from orthovision.config import BackboneConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = prepare_data(cfg, progress=progress)
+    rows = []
+    for spec in backbones:
+        timm_name, _, init = spec.partition(":")
+        backbone = BackboneConfig(name=timm_name, timm_name=timm_name, pretrained=init or "none")
+        model_cfg = cfg.model.model_copy(update={"backbones": (backbone,), "fusion_init": (1.0,)})
+        run_cfg = cfg.model_copy(update={"model": model_cfg})
+        run_cfg = copy_config(run_cfg, mode="branches-then-ensemble", fusion_epochs=0)
+        started = time.monotonic()
+        path = train(
+            run_cfg,
+            out_dir / timm_name.replace("/", "_"),
+            data=data,
+            progress=progress,
+            evaluate_test=False,
+        )
+        card = json.loads((path / CARD_FILE).read_text())
+        tr = card["training"]
+        val = tr["validation"][timm_name]
+        n_params = sum(p.numel() for p in build_ensemble(model_cfg).parameters())
+        rows.append(
+            {
+                "backbone": timm_name,
+                "initial_weights": backbone.pretrained,
+                "params_m": round(n_params / 1e6, 2),
+                "val_macro_f1": val["macro_f1"],
+                "val_accuracy": val["accuracy"],
+                "best_epoch": tr["best_epochs"].get(timm_name),
+                "epochs": tr["epochs_run"],
+                "train_img_per_s": tr["train_img_per_s"],
+                "wall_time_s": round(time.monotonic() - started, 1),
+            }
+        )
+        log.info("compare %s: %s", spec, rows[-1])
+        (out_dir / "compare.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return rows

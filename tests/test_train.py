@@ -1,0 +1,158 @@
+"""train(cfg) -> checkpoint folder: tiny backbones, synthetic radiographs, a few steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import SHARED, requires_shared
+from test_data import btxrd_rows, write_btxrd_layout, write_fracture_layout
+
+from orthovision.checkpoint import load_checkpoint
+from orthovision.config import OrthoVisionConfig
+from orthovision.data import prepare_data
+from orthovision.evaluate import fused_probabilities
+from orthovision.train import compare_backbones, fit_temperature, train
+
+TINY = [
+    {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
+    {"name": "resnet18", "timm_name": "test_resnet"},
+]
+
+
+def tiny_cfg(tmp_path: Path, sources: list[dict], **train) -> OrthoVisionConfig:
+    return OrthoVisionConfig.model_validate(
+        {
+            "preprocess": {"image_size": 32},
+            "model": {"backbones": TINY},
+            "train": {
+                "sources": sources,
+                "epochs": 1,
+                "batch_size": 8,
+                "max_steps_per_epoch": 2,
+                "fusion_epochs": 5,
+                "cache_dir": str(tmp_path / "cache"),
+                "eval_batch_size": 32,
+                "bootstrap_samples": 20,
+                "num_threads": 1,
+                **train,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def four_class_sources(tmp_path_factory) -> list[dict]:
+    """A fracture-xray-shaped folder and a BTXRD-shaped one (the real CSV format)."""
+    root = tmp_path_factory.mktemp("data")
+    fx = write_fracture_layout(root / "fx", groups_per_class=5, per_group=2)
+    rows = btxrd_rows()
+    # Enough of each tumour class for train and validation.
+    rows = [{**r, "image_id": f"{i}-{r['image_id']}"} for i in range(3) for r in rows]
+    bt = write_btxrd_layout(root / "bt", rows)
+    return [{"kind": "fracture-xray", "path": str(fx)}, {"kind": "btxrd", "path": str(bt)}]
+
+
+@pytest.mark.parametrize("mode", ["branches-then-ensemble", "joint"])
+def test_train_writes_a_loadable_checkpoint(tmp_path: Path, four_class_sources, mode):
+    cfg = tiny_cfg(tmp_path, four_class_sources, mode=mode)
+    out = train(cfg, tmp_path / "ckpt", progress=False)
+
+    ckpt = load_checkpoint(out)
+    card = ckpt.card
+    assert card["trained"] is True
+    assert card["classes"] == list(cfg.model.classes)
+    # Both sources together cover all four classes, each with train and val data.
+    assert set(card["validated_classes"]) == set(cfg.model.classes)
+    assert card["training"]["mode"] == mode
+    assert card["training"]["epochs_run"] == 1
+    assert card["training"]["calibration"]["fitted"] is True
+    assert card["temperature"] == pytest.approx(card["training"]["calibration"]["temperature"])
+    names = [d["name"] for d in card["data"]["datasets"]]
+    assert names == ["fracture-xray", "btxrd"]
+    assert card["data"]["datasets"][0]["licence"] == "ODC-By 1.0"
+    assert "attribution" in card["data"]["datasets"][0]
+    assert card["metrics"]["split"] == "test"
+    assert {"image_level", "group_level", "fusion_ablation"} <= set(card["metrics"])
+    # The resolved config sits next to the checkpoint and round-trips.
+    resolved = OrthoVisionConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text()))
+    assert resolved == cfg
+    assert (out / "splits.csv").is_file() and (out / "history.json").is_file()
+    if mode == "branches-then-ensemble":
+        assert card["training"]["fusion"]["fitted_on"] == "val"
+        assert set(card["training"]["best_epochs"]) == {"efficientnet_b0", "resnet18"}
+    else:
+        assert set(card["training"]["best_epochs"]) == {"fused"}
+
+
+def test_fracture_only_data_leaves_tumour_classes_unvalidated(tmp_path: Path):
+    fx = write_fracture_layout(tmp_path / "fx", groups_per_class=6, per_group=2)
+    cfg = tiny_cfg(tmp_path, [{"kind": "fracture-xray", "path": str(fx)}], max_steps_per_epoch=1)
+    card = load_checkpoint(train(cfg, tmp_path / "ckpt", progress=False)).card
+    assert card["validated_classes"] == ["fracture", "non-affected"]
+    assert any("tumor-benign" in note for note in card["notes"])
+
+
+def test_resume_continues_where_it_stopped(tmp_path: Path, four_class_sources):
+    cfg1 = tiny_cfg(tmp_path, four_class_sources, epochs=1, max_steps_per_epoch=1)
+    data = prepare_data(cfg1)
+    train(cfg1, tmp_path / "run", progress=False, data=data, evaluate_test=False)
+    cfg2 = tiny_cfg(tmp_path, four_class_sources, epochs=2, max_steps_per_epoch=1)
+    out = train(cfg2, tmp_path / "run", resume=True, progress=False, data=data, evaluate_test=False)
+    card = load_checkpoint(out).card
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert card["training"]["resumed"] is True and card["training"]["epochs_run"] == 2
+
+
+def test_same_seed_same_weights(tmp_path: Path, four_class_sources):
+    cfg = tiny_cfg(tmp_path, four_class_sources, max_steps_per_epoch=1, calibrate_temperature=False)
+    data = prepare_data(cfg)
+    a = load_checkpoint(train(cfg, tmp_path / "a", progress=False, data=data, evaluate_test=False))
+    b = load_checkpoint(train(cfg, tmp_path / "b", progress=False, data=data, evaluate_test=False))
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fit_temperature_recovers_a_known_scale():
+    rng = np.random.default_rng(0)
+    # Labels drawn from softmax(true): `true` is calibrated at T=1 by construction, so
+    # after sharpening the logits 3x the fitted temperature should undo it.
+    true = rng.normal(0, 1.5, (4000, 4))
+    p = np.exp(true) / np.exp(true).sum(1, keepdims=True)
+    targets = np.array([rng.choice(4, p=row) for row in p])
+    logits = {"a": true * 3.0}
+    t, before, after = fit_temperature(logits, np.array([1.0]), targets)
+    assert 2.5 < t < 3.5 and after < before
+    probs = fused_probabilities(logits, [1.0], t)
+    assert probs.shape == (4000, 4)
+
+
+def test_compare_runs_each_backbone_under_one_budget(tmp_path: Path, four_class_sources):
+    cfg = tiny_cfg(tmp_path, four_class_sources, max_steps_per_epoch=1)
+    rows = compare_backbones(cfg, ["test_efficientnet", "test_resnet"], tmp_path / "cmp")
+    assert [r["backbone"] for r in rows] == ["test_efficientnet", "test_resnet"]
+    assert all(0 <= r["val_macro_f1"] <= 1 and r["initial_weights"] == "none" for r in rows)
+    assert (tmp_path / "cmp" / "compare.json").is_file()
+
+
+@pytest.mark.slow
+@requires_shared
+def test_shared_fracture_set_and_btxrd_train_into_four_classes(tmp_path: Path):
+    """Done-when of issue 4: the real fracture set + a BTXRD-shaped folder, 1 epoch."""
+    rows = btxrd_rows()
+    rows = [{**r, "image_id": f"{i}-{r['image_id']}"} for i in range(4) for r in rows]
+    bt = write_btxrd_layout(tmp_path / "bt", rows)
+    sources = [
+        {"kind": "fracture-xray", "path": str(SHARED / "fracture-xray")},
+        {"kind": "btxrd", "path": str(bt)},
+    ]
+    cfg = tiny_cfg(tmp_path, sources, max_steps_per_epoch=None, batch_size=32)
+    card = load_checkpoint(train(cfg, tmp_path / "ckpt", progress=False)).card
+    assert card["data"]["cleaning"]["by_reason"] == {"unsupported_format": 1}
+    assert {"fracture", "non-affected"} <= set(card["validated_classes"])
+    assert len(card["classes"]) == 4
