@@ -161,3 +161,31 @@ def overlay_png(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> by
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return png.tobytes()
+
+
+def heatmap_rgba_png(heatmap: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    """The JET-coloured heat map alone as an RGBA PNG, its alpha rising with the heat, so a
+    viewer can lay it over the image at any opacity. `size` is (width, height)."""
+    if heatmap.ndim != 2:
+        raise ValueError(f"expected a (h, w) heat map, got {heatmap.shape}")
+    heat = heatmap.astype(np.float32)
+    if size is not None:
+        heat = cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR)
+    heat_u8 = np.clip(heat * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    bgr = cv2.applyColorMap(heat_u8, cv2.COLORMAP_JET)
+    # Cold regions stay see-through; sqrt keeps mid-level heat visible.
+    alpha = np.clip(np.sqrt(heat) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    ok, png = cv2.imencode(".png", np.dstack([bgr, alpha]))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()
+
+
+def grey_png(grey: np.ndarray) -> bytes:
+    """A uint8 (H, W) image as a greyscale PNG (the model input the heat map belongs to)."""
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W) image, got {grey.shape} {grey.dtype}")
+    ok, png = cv2.imencode(".png", grey)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return png.tobytes()

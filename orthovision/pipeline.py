@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ class Prepared:
     pixels: np.ndarray  # (1, S, S) uint8
     input_info: dict
     quality: dict
+    # DICOM source UIDs and patient/study attributes (DecodedImage.dicom_source): for DICOM
+    # outputs only, never in the public result, repr or logs.
+    dicom_source: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
 
 def decode_for_model(data: bytes, cfg: OrthoVisionConfig) -> DecodedImage:
@@ -49,7 +52,9 @@ def prepare(data: bytes, cfg: OrthoVisionConfig, preprocessor: Preprocessor) -> 
     decoded = decode_for_model(data, cfg)
     report = assess_quality(decoded, cfg.quality)
     report.raise_if_rejected()
-    return Prepared(preprocessor(decoded.pixels), decoded.metadata(), report.to_dict())
+    return Prepared(
+        preprocessor(decoded.pixels), decoded.metadata(), report.to_dict(), decoded.dicom_source
+    )
 
 
 def model_info(card: Mapping) -> dict:

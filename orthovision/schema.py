@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+# Key of the part of a stored per-request record that is never returned by the API (the DICOM
+# source's UIDs and patient/study attributes, the creation time): DICOM outputs read it.
+PRIVATE_KEY = "_private"
+
 
 class ModelInfo(BaseModel):
     name: str

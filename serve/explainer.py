@@ -6,14 +6,16 @@ pytorch-grad-cam hooks the shared model, so max_ongoing_requests is 1 (STYLE.md)
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 
 import torch
 from ray import serve
 
 from orthovision.checkpoint import load_checkpoint
-from orthovision.explain import explain, overlay_png
+from orthovision.explain import explain, grey_png, heatmap_rgba_png, overlay_png
 from orthovision.pipeline import Prepared
+from serve.clinical import layers_key
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_device
 from serve.store import open_store
@@ -31,24 +33,38 @@ class Explainer:
         self.classes = list(ckpt.card["classes"])
         self.store = open_store(self.cfg.serve.store_url)
 
-    def _explain(self, prepared: Prepared, target_class: int | None) -> tuple[dict, bytes]:
+    def _explain(
+        self, prepared: Prepared, target_class: int | None
+    ) -> tuple[dict, bytes, dict[str, str]]:
         with torch.enable_grad():
             result = explain(self.model, prepared.pixels, target_class=target_class)
         png = overlay_png(prepared.pixels[0], result.heatmap, self.cfg.explain.overlay_alpha)
+        grey = prepared.pixels[0]
+        # The two layers of the overlay, for a viewer's opacity slider.
+        layers = {
+            "image_png": base64.b64encode(grey_png(grey)).decode(),
+            "heatmap_png": base64.b64encode(
+                heatmap_rgba_png(result.heatmap, (grey.shape[1], grey.shape[0]))
+            ).decode(),
+        }
         summary = {
             "method": self.cfg.explain.method,
             "target_class": self.classes[result.target_class],
             "fusion_weights": result.fusion_weights,
             "heatmap_size": list(result.heatmap.shape),
         }
-        return summary, png
+        return summary, png, layers
 
     async def __call__(
         self, explanation_id: str, prepared: Prepared, target_class: int | None = None
     ) -> str:
         started = time.perf_counter()
         await self.store.mark_attempt(explanation_id)
-        summary, png = await asyncio.to_thread(self._explain, prepared, target_class)
+        summary, png, layers = await asyncio.to_thread(self._explain, prepared, target_class)
+        # Layers first: once the state reads "done", everything it serves exists.
+        await self.store.put_record(
+            layers_key(explanation_id), layers, ttl_s=self.cfg.serve.record_ttl_s
+        )
         await self.store.complete_explanation(explanation_id, summary, png)
         metrics().explanation_latency.observe(time.perf_counter() - started)
         metrics().explanations.inc(tags={"outcome": "done"})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from ray import serve
 
@@ -9,6 +11,7 @@ from orthovision.checkpoint import load_checkpoint
 from orthovision.config import FusionConfig
 from orthovision.errors import InputError
 from orthovision.pipeline import Prepared, assemble_prediction
+from orthovision.schema import PRIVATE_KEY
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from
 
@@ -45,7 +48,10 @@ class Fusion:
             self.fusion_cfg,
         )
         metrics().predictions.inc(tags={"label": prediction.label or "abstained"})
-        return prediction.model_dump(mode="json")
+        result = prediction.model_dump(mode="json")
+        # The ingress stores this part with the record and strips it from every response.
+        result[PRIVATE_KEY] = {"created_at": time.time(), "dicom_source": prepared.dicom_source}
+        return result
 
     async def model_card(self) -> dict:
         return self.card

@@ -12,10 +12,11 @@ import logging
 import re
 import time
 import uuid
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.context import _get_serve_request_context
@@ -23,8 +24,9 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from orthovision.errors import BodyTimeout, InputError, InputTooLarge
-from orthovision.schema import ErrorResponse, Prediction
+from orthovision.errors import BodyTimeout, InputError, InputTooLarge, UnsupportedFormat
+from orthovision.schema import PRIVATE_KEY, ErrorResponse, Prediction
+from serve import clinical
 from serve.auth import Authenticator, AuthError
 from serve.metrics import metrics
 from serve.runtime import config_from
@@ -45,6 +47,8 @@ ERRORS = {
     422: {"model": ErrorResponse},
     503: {"model": ErrorResponse},
 }
+# The viewer is one static page; the browser revalidates it so a deploy shows at once.
+VIEWER_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
 
 
@@ -168,11 +172,13 @@ class Ingress:
         metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
         if "error" in result:
             return result
+        hidden = result.pop(PRIVATE_KEY, None)  # stored, never answered (DICOM source)
         if want_explanation:
             await self.store.create_explanation(request_id, request_id)
             result["explanation_url"] = f"/v1/explanations/{request_id}"
             self._queue_explanation(request_id, prepared, result)
-        await self.store.put_record(request_id, result, ttl_s=self.cfg.serve.record_ttl_s)
+        record = {**result, PRIVATE_KEY: hidden} if hidden else result
+        await self.store.put_record(request_id, record, ttl_s=self.cfg.serve.record_ttl_s)
         return result
 
     def _queue_explanation(self, explanation_id: str, prepared, result: dict) -> None:
@@ -288,14 +294,27 @@ class Ingress:
     @api.get(
         "/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}}
     )
-    async def explanation_png(self, request: Request, explanation_id: str) -> Response:
+    async def explanation_png(
+        self,
+        request: Request,
+        explanation_id: str,
+        kind: Literal["overlay", "heatmap", "image"] = "overlay",
+    ) -> Response:
+        """`overlay` (default): heat map blended over the model input; `heatmap`: the heat
+        map alone, transparent where cold; `image`: the 224x224 model input it belongs to."""
         self.guard(request, "read")
         record = await self._explanation_record(explanation_id)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
         if record.state != "done":
             return self._explanation_state(record)
-        png = await self.store.get_explanation_png(explanation_id)
+        if kind == "overlay":
+            png = await self.store.get_explanation_png(explanation_id)
+        else:
+            layers = await self.store.get_record(clinical.layers_key(explanation_id))
+            png = clinical.layer_png(layers, kind)
+            if png is None:
+                return error_response(404, "not_found", f"no {kind} layer for this explanation")
         return Response(png, media_type="image/png")
 
     @api.get("/v1/explanations/{explanation_id}")
@@ -331,6 +350,166 @@ class Ingress:
     async def model(self, request: Request) -> dict:
         self.guard(request, "read")
         return await self.fusion.model_card.remote()
+
+    # ---- clinician and integration surface: viewer, report, DICOM out, STOW-RS ---------
+    @api.get("/", include_in_schema=False)
+    async def viewer(self) -> Response:
+        """The viewer page (no key needed for the page; its API calls carry one)."""
+        return HTMLResponse(clinical.viewer_file("index.html"), headers=VIEWER_HEADERS)
+
+    @api.get("/viewer/{asset}", include_in_schema=False)
+    async def viewer_asset(self, asset: str) -> Response:
+        media_type = clinical.VIEWER_ASSETS.get(asset)
+        if media_type is None:
+            return error_response(404, "not_found", "unknown viewer asset")
+        return Response(clinical.viewer_file(asset), media_type=media_type, headers=VIEWER_HEADERS)
+
+    async def _stored_record(self, request_id: str) -> dict:
+        record = None
+        if SAFE_REQUEST_ID.fullmatch(request_id):
+            record = await self.store.get_record(request_id)
+        if record is None:
+            raise StarletteHTTPException(404, "unknown or expired request id")
+        return record
+
+    @api.get("/v1/predictions/{request_id}", summary="A stored prediction result")
+    async def prediction(self, request: Request, request_id: str) -> Response:
+        self.guard(request, "read")
+        return JSONResponse(clinical.public(await self._stored_record(request_id)))
+
+    async def _overlay_png(self, request_id: str, record: dict) -> tuple[bytes | None, str, str]:
+        """(overlay PNG or None, explanation state, why there is none); explanation id ==
+        request id."""
+        if not record.get("explanation_url"):
+            return None, "none", "No explanation was requested for this image."
+        explanation = await self._explanation_record(request_id)
+        if explanation is None:
+            return None, "expired", "The explanation has expired."
+        if explanation.state == "pending":
+            return None, "pending", "The explanation was still being computed when this was made."
+        if explanation.state == "failed":
+            return None, "failed", "The explanation failed."
+        return await self.store.get_explanation_png(request_id), "done", ""
+
+    @api.get(
+        "/v1/predictions/{request_id}/report.pdf",
+        summary="PDF report of a prediction (no patient identifiers)",
+        responses={200: {"content": {"application/pdf": {}}}},
+    )
+    async def report_pdf(self, request: Request, request_id: str) -> Response:
+        from orthovision.pdf_report import render_report
+
+        self.guard(request, "read")
+        record = await self._stored_record(request_id)
+        overlay, _state, note = await self._overlay_png(request_id, record)
+        pdf = await asyncio.to_thread(render_report, clinical.public(record), overlay, note)
+        return Response(
+            pdf,
+            media_type="application/pdf",
+            headers={"Content-Disposition": f'inline; filename="orthovision-{request_id}.pdf"'},
+        )
+
+    def _dicom_source(self, record: dict) -> dict | None:
+        return clinical.private(record).get("dicom_source")
+
+    @api.get(
+        "/v1/predictions/{request_id}/dicom/sr",
+        summary="DICOM Comprehensive SR of a DICOM input's result",
+        responses={200: {"content": {"application/dicom": {}}}},
+    )
+    async def dicom_sr(self, request: Request, request_id: str) -> Response:
+        from orthovision.dicom_out import structured_report, to_bytes
+
+        self.guard(request, "read")
+        record = await self._stored_record(request_id)
+        source = self._dicom_source(record)
+        if source is None:
+            return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
+        created_at = clinical.private(record).get("created_at", time.time())
+        body = await asyncio.to_thread(
+            lambda: to_bytes(structured_report(clinical.public(record), source, created_at))
+        )
+        return Response(body, media_type="application/dicom")
+
+    @api.get(
+        "/v1/predictions/{request_id}/dicom/sc",
+        summary="DICOM Secondary Capture of the heat-map overlay (needs ?explain=true)",
+        responses={200: {"content": {"application/dicom": {}}}},
+    )
+    async def dicom_sc(self, request: Request, request_id: str) -> Response:
+        from orthovision.dicom_out import secondary_capture, to_bytes
+
+        self.guard(request, "read")
+        record = await self._stored_record(request_id)
+        source = self._dicom_source(record)
+        if source is None:
+            return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
+        overlay, state, note = await self._overlay_png(request_id, record)
+        if overlay is None:
+            if state == "pending":
+                return error_response(202, "pending", note, retry_after_s=1)
+            return error_response(404, "no_explanation", note)
+        created_at = clinical.private(record).get("created_at", time.time())
+
+        def build() -> bytes:
+            rgb = clinical.png_to_rgb(overlay)
+            return to_bytes(secondary_capture(rgb, clinical.public(record), source, created_at))
+
+        return Response(await asyncio.to_thread(build), media_type="application/dicom")
+
+    @api.post(
+        "/dicomweb/studies",
+        responses=ERRORS,
+        summary='DICOMweb STOW-RS (multipart/related; type="application/dicom"): classify each',
+    )
+    async def stow(self, request: Request, explain: bool = False) -> Response:
+        """PS3.18 10.5 store: each instance is classified (not archived). The answer is the
+        STOW-RS response data set (ReferencedSOPSequence / FailedSOPSequence) alone when the
+        client accepts only application/dicom+json, else `{"stow": ..., "results": [...]}`
+        with one v1 result (or error) per instance, in order. SR/SC per instance at
+        /v1/predictions/{request_id}/dicom/sr|sc."""
+        from orthovision import dicomweb as dw
+
+        self.guard(request, "dicomweb")
+        if explain:
+            self.guard(request, "explain")
+        boundary = dw.related_boundary(request.headers.get("content-type", ""))
+        body = await read_body(
+            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
+        )
+        parts = dw.split_related(body, boundary, self.cfg.serve.max_batch_items)
+        if not parts:
+            raise InputError("STOW-RS request has no instances")
+        ids = [uuid.uuid4().hex for _ in parts]
+
+        async def classify(part: dw.Part, rid: str) -> dict:
+            if part.content_type != "application/dicom":
+                err = UnsupportedFormat("STOW-RS parts must be application/dicom")
+                return {"error": err.to_dict(), "status": err.http_status}
+            return await self._predict_bytes(part.data, rid, explain)
+
+        outcomes = await asyncio.gather(*(classify(p, r) for p, r in zip(parts, ids, strict=True)))
+        refs = await asyncio.to_thread(lambda: [dw.sop_reference(p.data) for p in parts])
+        stored, failed, results = [], [], []
+        for index, (rid, out, (sop_class, sop_uid)) in enumerate(
+            zip(ids, outcomes, refs, strict=True)
+        ):
+            entry = {"index": index, "request_id": rid, "sop_instance_uid": sop_uid}
+            if "error" in out:
+                reason = dw.OUT_OF_RESOURCES if out["status"] >= 500 else dw.CANNOT_UNDERSTAND
+                failed.append(dw.FailedInstance(sop_class, sop_uid, reason))
+                entry["error"] = out["error"]
+            else:
+                stored.append(dw.StoredInstance(sop_class, sop_uid))
+                entry.update(out)
+                entry["sr_url"] = f"/v1/predictions/{rid}/dicom/sr"
+            results.append(entry)
+        status = dw.stow_status(len(stored), len(failed))
+        response = dw.stow_response(stored, failed)
+        accept = request.headers.get("accept", "")
+        if dw.DICOM_JSON in accept and "application/json" not in accept:
+            return JSONResponse(response, status_code=status, media_type=dw.DICOM_JSON)
+        return JSONResponse({"stow": response, "results": results}, status_code=status)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

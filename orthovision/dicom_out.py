@@ -1,0 +1,212 @@
+"""DICOM outputs for DICOM inputs: a Comprehensive SR with the classification and a Secondary
+Capture of the heat-map overlay, both filed in the source's study (highdicom).
+
+Patient and study attributes: a PACS files an object by its Patient and General Study modules
+(PS3.3 C.7.1.1, C.7.2.1), so an SR about a study must carry the same PatientName, PatientID,
+StudyInstanceUID, AccessionNumber... as the source. They are copied from the source (via
+`DecodedImage.dicom_source`) into the objects themselves and nowhere else: no log line,
+metric or error message of this module quotes them.
+
+UIDs of the new objects derive from the request id (UUID-derived `2.25` UIDs, PS3.5 B.2), so
+fetching the SR twice gives the same instance, which a PACS de-duplicates, not two copies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import uuid
+
+import numpy as np
+
+from orthovision.io import DICOM_SOURCE_ATTRIBUTES, DICOM_SOURCE_UIDS
+
+MANUFACTURER = "OrthoVision"
+SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
+NOT_A_DIAGNOSIS = (
+    "Computer-generated second-opinion aid for a qualified reader; not a diagnosis. "
+    "Classes outside the validated list are never reported."
+)
+# Private coding scheme (PS3.16 8.2: designators starting "99" are local) for the project's
+# own concepts: the four classes and the per-class probabilities.
+SCHEME = "99ORTHOVISION"
+UCUM_NO_UNITS = ("1", "UCUM", "no units")
+_UID_NAMESPACE = uuid.UUID("7d1c1a36-5b4e-4b55-9d63-2c8a7e0f9b11")
+
+
+class DicomOutputError(Exception):
+    """The stored record cannot produce the object (no DICOM source, no explanation)."""
+
+
+def derived_uid(request_id: str, role: str) -> str:
+    """A stable UID per (request, role): `2.25.` + a name-based UUID as a decimal integer."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, f'{request_id}/{role}').int}"
+
+
+def source_dataset(source: dict[str, str]):
+    """The source's references and patient/study attributes as a pixel-less pydicom Dataset
+    (highdicom's evidence / reference dataset)."""
+    from pydicom.dataset import Dataset
+
+    missing = [k for k in DICOM_SOURCE_UIDS if not source.get(k)]
+    if missing:
+        raise DicomOutputError("the source's DICOM references are incomplete")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"  # values arrive as Python str; write UTF-8
+    for keyword in (*DICOM_SOURCE_UIDS, *DICOM_SOURCE_ATTRIBUTES):
+        if source.get(keyword):
+            setattr(ds, keyword, source[keyword])
+    # Type 2 attributes of the Patient and General Study modules: present, possibly empty.
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    for keyword in ("StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    if "ReferringPhysicianName" not in ds:
+        ds.ReferringPhysicianName = None
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning[:64])
+
+
+def _class_code(name: str):
+    return _code(name, SCHEME, name.replace("-", " "))
+
+
+def _stamp(ds, created_at: float) -> None:
+    when = dt.datetime.fromtimestamp(created_at, tz=dt.timezone.utc)
+    ds.ContentDate = when.strftime("%Y%m%d")
+    ds.ContentTime = when.strftime("%H%M%S.%f")
+    ds.TimezoneOffsetFromUTC = "+0000"
+
+
+def structured_report(result: dict, source: dict[str, str], created_at: float):
+    """Comprehensive SR (TID 2000-like tree): finding, per-class probabilities, algorithm
+    identification, the source image reference and the not-a-diagnosis statement."""
+    from highdicom.sr import CodeContentItem as Code
+    from highdicom.sr import (
+        ComprehensiveSR,
+        ContainerContentItem,
+        ContentSequence,
+        ImageContentItem,
+        NumContentItem,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
+
+    contains = RelationshipTypeValues.CONTAINS
+    src = source_dataset(source)
+    model = result["model"]
+    validated = list(result.get("validated_classes", []))
+    items = [
+        TextContentItem(_code("111001", "DCM", "Algorithm Name"), model["name"], contains),
+        TextContentItem(_code("111003", "DCM", "Algorithm Version"), model["version"], contains),
+        TextContentItem(
+            _code("weights-sha256", SCHEME, "Model weights SHA-256"), model["sha256"], contains
+        ),
+    ]
+    if result.get("abstained") or not result.get("label"):
+        finding = _code("abstained", SCHEME, "abstained")
+        items.append(Code(_code("121071", "DCM", "Finding"), finding, contains))
+        reason = str(result.get("abstain_reason") or "abstained")
+        items.append(
+            TextContentItem(_code("abstain-reason", SCHEME, "Abstain reason"), reason, contains)
+        )
+    else:
+        label = result["label"]
+        items.append(Code(_code("121071", "DCM", "Finding"), _class_code(label), contains))
+    for name, p in result["probabilities"].items():
+        mark = "" if name in validated else " (not validated)"
+        concept = _code(f"p-{name}", SCHEME, f"Probability of {name}{mark}")
+        items.append(NumContentItem(concept, float(p), _code(*UCUM_NO_UNITS), None, contains))
+    items.append(
+        TextContentItem(
+            _code("validated-classes", SCHEME, "Validated classes"),
+            ", ".join(validated) or "none",
+            contains,
+        )
+    )
+    items.append(
+        ImageContentItem(
+            _code("121112", "DCM", "Source of Measurement"),
+            src.SOPClassUID,
+            src.SOPInstanceUID,
+            relationship_type=contains,
+        )
+    )
+    items.append(TextContentItem(_code("121106", "DCM", "Comment"), NOT_A_DIAGNOSIS, contains))
+    root = ContainerContentItem(_code("18748-4", "LN", "Diagnostic Imaging Report"))
+    root.ContentSequence = ContentSequence(items, is_root=False)
+    request_id = result["request_id"]
+    sr = ComprehensiveSR(
+        evidence=[src],
+        content=root,
+        series_instance_uid=derived_uid(request_id, "sr-series"),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(request_id, "sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,  # no human verified it: a second opinion, not a signed report
+        is_verified=False,
+        series_description="OrthoVision AI result (not a diagnosis)",
+    )
+    sr.SpecificCharacterSet = "ISO_IR 192"
+    _stamp(sr, created_at)
+    return sr
+
+
+def secondary_capture(
+    overlay_rgb: np.ndarray, result: dict, source: dict[str, str], created_at: float
+):
+    """Secondary Capture (RGB) of the heat-map overlay on the 224x224 model input."""
+    from highdicom.sc import SCImage
+    from pydicom.dataset import Dataset
+
+    if overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3 or overlay_rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 (H, W, 3), got {overlay_rgb.shape} {overlay_rgb.dtype}")
+    src = source_dataset(source)
+    request_id = result["request_id"]
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=src,
+        pixel_array=np.ascontiguousarray(overlay_rgb),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=derived_uid(request_id, "sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(request_id, "sc"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "F"),  # placeholder: highdicom insists on a value
+        transfer_syntax_uid="1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    )
+    # PS3.3 C.8.6.2: Type 2C, present and empty when unknown (a letterboxed model input).
+    sc.PatientOrientation = None
+    sc.SpecificCharacterSet = "ISO_IR 192"
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "NO"
+    sc.SeriesDescription = "OrthoVision heat map (not a diagnosis)"
+    label = result.get("label") or "abstained"
+    sc.DerivationDescription = (
+        f"GradCAM++ heat map for {label}, blended over the 224x224 letterboxed CLAHE model "
+        f"input; {result['model']['name']} {result['model']['version']}"
+    )[:1024]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    sc.SourceImageSequence = [ref]
+    _stamp(sc, created_at)
+    return sc
+
+
+def to_bytes(ds) -> bytes:
+    """A Part 10 file (preamble, meta header)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,144 @@
+"""DICOMweb STOW-RS pieces (PS3.18 10.5): the multipart/related body and the response.
+
+Pure functions, no Ray: the ingress reads the (bounded) body, splits it here, classifies
+each instance and answers with `stow_response`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+from orthovision.errors import InputError, InputTooLarge, UnsupportedFormat
+
+DICOM_JSON = "application/dicom+json"
+# PS3.18 10.5.3 Table 10.5.3-1 / PS3.4 Annex B failure reasons we use.
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+_PARAM = re.compile(r';\s*([A-Za-z0-9_-]+)\s*=\s*("([^"]*)"|[^;\s]+)')
+
+
+@dataclass(frozen=True)
+class Part:
+    content_type: str
+    data: bytes
+
+
+def related_boundary(content_type: str) -> str:
+    """The boundary of a `multipart/related; type="application/dicom"` body, else an error
+    (415 for another media type: PS3.18 10.5.1.2 accepts application/dicom here)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "multipart/related":
+        raise UnsupportedFormat(
+            'STOW-RS takes multipart/related; type="application/dicom" '
+            f"(got {media[:64] or 'no content type'})"
+        )
+    params = {m.group(1).lower(): m.group(3) or m.group(2) for m in _PARAM.finditer(content_type)}
+    kind = (params.get("type") or "application/dicom").lower()
+    if kind != "application/dicom":
+        raise UnsupportedFormat(
+            "only application/dicom instances are accepted (no metadata/bulk data form)"
+        )
+    boundary = params.get("boundary")
+    if not boundary or len(boundary) > 70:  # RFC 2046 5.1.1: 1 to 70 characters
+        raise InputError("multipart/related body without a valid boundary parameter")
+    return boundary
+
+
+def split_related(body: bytes, boundary: str, max_parts: int) -> list[Part]:
+    """The parts of a multipart body (RFC 2046), at most `max_parts` (else 413)."""
+    delimiter = b"\r\n--" + boundary.encode("ascii", "replace")
+    segments = (b"\r\n" + body).split(delimiter)
+    parts: list[Part] = []
+    closed = False
+    for segment in segments[1:]:  # segments[0] is the preamble
+        if segment.startswith(b"--"):
+            closed = True
+            break
+        line_end = segment.find(b"\r\n")  # transport padding after the delimiter
+        if line_end < 0:
+            raise InputError("malformed multipart body: delimiter line not terminated")
+        head_end = segment.find(b"\r\n\r\n", line_end)
+        if head_end < 0:
+            raise InputError("malformed multipart body: part headers not terminated")
+        headers = segment[line_end + 2 : head_end]
+        if len(parts) >= max_parts:
+            raise InputTooLarge(f"STOW-RS request has more than {max_parts} instances")
+        content_type = "application/dicom"
+        for line in headers.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-type":
+                content_type = value.decode("latin-1").strip().lower()
+        parts.append(Part(content_type.split(";", 1)[0].strip(), segment[head_end + 4 :]))
+    if not closed:
+        raise InputError("malformed multipart body: no closing delimiter")
+    return parts
+
+
+def sop_reference(data: bytes) -> tuple[str, str]:
+    """(SOPClassUID, SOPInstanceUID) from an instance's header, "" where unreadable."""
+    import pydicom
+    from pydicom.uid import UID
+
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
+        values = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+    except Exception:  # any parse failure of a hostile header: just no reference
+        return "", ""
+    return tuple(v if v and UID(v).is_valid else "" for v in values)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    sop_class_uid: str
+    sop_instance_uid: str
+    retrieve_url: str | None = None
+
+
+@dataclass(frozen=True)
+class FailedInstance:
+    sop_class_uid: str
+    sop_instance_uid: str
+    reason: int
+
+
+def stow_response(stored: list[StoredInstance], failed: list[FailedInstance]) -> dict:
+    """The PS3.18 JSON (Annex F) STOW-RS response data set."""
+    from pydicom.dataset import Dataset
+
+    def ref(item: StoredInstance | FailedInstance) -> Dataset:
+        d = Dataset()
+        d.ReferencedSOPClassUID = item.sop_class_uid or None
+        d.ReferencedSOPInstanceUID = item.sop_instance_uid or None
+        return d
+
+    out = Dataset()
+    if stored:
+        seq = []
+        for item in stored:
+            d = ref(item)
+            if item.retrieve_url:
+                d.RetrieveURL = item.retrieve_url
+            seq.append(d)
+        out.ReferencedSOPSequence = seq
+    if failed:
+        seq = []
+        for item in failed:
+            d = ref(item)
+            d.FailureReason = item.reason
+            seq.append(d)
+        out.FailedSOPSequence = seq
+    return out.to_json_dict()
+
+
+def stow_status(n_stored: int, n_failed: int) -> int:
+    """PS3.18 10.5.3: 200 all stored, 202 some failed, 409 none stored."""
+    if n_failed == 0:
+        return 200
+    return 202 if n_stored else 409

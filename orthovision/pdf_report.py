@@ -1,0 +1,128 @@
+"""One-page PDF report of one prediction (reportlab): the result a reader takes away.
+
+It carries the v1 result only (which holds no patient identifier: `DecodedImage.metadata()`
+keeps none), never the stored DICOM source attributes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+NOT_A_DIAGNOSIS = (
+    "This report is a computer-generated second-opinion aid for a qualified reader. "
+    "It is not a diagnosis."
+)
+
+
+def _pct(p: float) -> str:
+    return f"{100.0 * p:.1f}%"
+
+
+def render_report(
+    result: dict,
+    overlay_png: bytes | None,
+    explanation_note: str | None = None,
+    generated_at: dt.datetime | None = None,
+) -> bytes:
+    """PDF bytes for a v1 prediction `result`. `overlay_png` is the heat-map overlay, or None
+    with `explanation_note` saying why there is none."""
+    from reportlab.lib import colors
+    from reportlab.lib.pagesizes import A4
+    from reportlab.lib.styles import getSampleStyleSheet
+    from reportlab.lib.units import mm
+    from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+
+    styles = getSampleStyleSheet()
+    body, h2 = styles["BodyText"], styles["Heading2"]
+    generated_at = generated_at or dt.datetime.now(dt.timezone.utc)
+    model = result["model"]
+    validated = list(result.get("validated_classes", []))
+
+    def para(text: str, style=body) -> Paragraph:
+        # reportlab Paragraphs take a mini-markup: escape what came from elsewhere.
+        from xml.sax.saxutils import escape
+
+        return Paragraph(escape(text), style)
+
+    story = [
+        para("OrthoVision second-opinion report", styles["Title"]),
+        para(NOT_A_DIAGNOSIS, styles["Heading4"]),
+        para(
+            f"Request {result['request_id']} | generated "
+            f"{generated_at.strftime('%Y-%m-%d %H:%M UTC')} | input "
+            f"{result.get('input', {}).get('format', '?')}"
+            + (f" {result['input']['modality']}" if result.get("input", {}).get("modality") else "")
+        ),
+        Spacer(1, 4 * mm),
+        para("Result", h2),
+    ]
+    if result.get("abstained") or not result.get("label"):
+        reason = result.get("abstain_reason") or "no reason given"
+        story.append(para(f"Predicted class: abstained ({reason})", styles["Heading3"]))
+    else:
+        story.append(para(f"Predicted class: {result['label']}", styles["Heading3"]))
+
+    branches = result.get("branches", {})
+    header = ["class", "probability", *branches, "validated"]
+    rows = [header]
+    for name, p in result["probabilities"].items():
+        rows.append(
+            [
+                name,
+                _pct(p),
+                *(_pct(b.get(name, 0.0)) for b in branches.values()),
+                "yes" if name in validated else "NOT VALIDATED",
+            ]
+        )
+    table = Table(rows, hAlign="LEFT")
+    table.setStyle(
+        TableStyle(
+            [
+                ("FONTNAME", (0, 0), (-1, 0), "Helvetica-Bold"),
+                ("GRID", (0, 0), (-1, -1), 0.25, colors.grey),
+                ("BACKGROUND", (0, 0), (-1, 0), colors.whitesmoke),
+            ]
+        )
+    )
+    story += [table, Spacer(1, 2 * mm)]
+    story.append(para("Validated classes: " + (", ".join(validated) or "none")))
+
+    story.append(para("Input quality", h2))
+    findings = result.get("quality", {}).get("findings", [])
+    if not findings:
+        story.append(para("No quality findings."))
+    for f in findings:
+        story.append(para(f"- {f['severity']}: {f['check']}: {f['message']}"))
+
+    story.append(para("Heat map (GradCAM++)", h2))
+    if overlay_png:
+        story.append(Image(io.BytesIO(overlay_png), width=70 * mm, height=70 * mm, hAlign="LEFT"))
+        story.append(para("Overlay on the 224x224 model input (letterboxed, CLAHE)."))
+    else:
+        story.append(para(explanation_note or "No explanation was requested for this image."))
+
+    story.append(para("Model", h2))
+    story.append(
+        para(
+            f"{model['name']} version {model['version']}"
+            + ("" if model.get("trained", True) else " (UNTRAINED weights: outputs mean nothing)")
+        )
+    )
+    story.append(para(f"weights sha256: {model['sha256']}"))
+    story += [Spacer(1, 4 * mm), para(NOT_A_DIAGNOSIS, styles["Italic"])]
+
+    buf = io.BytesIO()
+    doc = SimpleDocTemplate(
+        buf,
+        pagesize=A4,
+        title="OrthoVision second-opinion report",
+        author="OrthoVision",
+        leftMargin=18 * mm,
+        rightMargin=18 * mm,
+        topMargin=15 * mm,
+        bottomMargin=15 * mm,
+        invariant=True,  # no random document id: the same input gives the same bytes
+    )
+    doc.build(story)
+    return buf.getvalue()
