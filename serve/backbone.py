@@ -31,18 +31,36 @@ class Backbone:
         cfg = config_from(config)
         self.branch = branch
         self.device = pick_device(cfg.serve.device)
+        threads = 1
         if self.device.type == "cpu":
-            limit_cpu_threads(cfg.serve.backbone.num_cpus)
+            threads = limit_cpu_threads(cfg.serve.backbone.num_cpus)
         else:
             enable_cudnn_autotune()
         ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
         norm = ckpt.model.norms[branch]
         self.mean, self.std = norm.mean.tolist(), norm.std.tolist()
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.channels_last = True
-        self.model = ckpt.model.branches[branch].to(self.device, self.dtype)
-        self.model = self.model.to(memory_format=torch.channels_last).eval()
         self.size = cfg.preprocess.image_size
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.backend = "torch"
+        self.onnx = None
+        if self.device.type == "cpu" and cfg.serve.cpu_backend == "onnx":
+            from orthovision.onnx_backend import OnnxBranch
+
+            self.onnx = OnnxBranch(
+                ckpt.model.branches[branch],
+                weights_sha256=ckpt.card["weights_sha256"],
+                branch=branch,
+                image_size=self.size,
+                threads=threads,
+            )
+            self.backend = "onnx"
+        # NHWC: the layout oneDNN and cuDNN run convolutions in fastest (ORT takes NCHW).
+        self.channels_last = self.onnx is None
+        self.model = None
+        if self.onnx is None:
+            model = ckpt.model.branches[branch].to(self.device, self.dtype)
+            self.model = model.to(memory_format=torch.channels_last).eval()
+        del ckpt  # the other branch and the fusion weights are not this replica's
         self.reconfigure(cfg.serve.batch.model_dump())
         self._warm_up(cfg.serve.batch.max_batch_size)
         self.ready_since = time.time()
@@ -54,7 +72,9 @@ class Backbone:
 
     def _warm_up(self, batch_size: int) -> None:
         # First calls pay for allocator growth and cudnn autotuning: do it before ready.
-        for n in {1, batch_size}:
+        # cudnn.benchmark tunes per input shape, so on a GPU every batch size is visited.
+        sizes = range(1, batch_size + 1) if self.device.type == "cuda" else {1, batch_size}
+        for n in sizes:
             self._infer(np.zeros((n, 1, self.size, self.size), np.uint8))
 
     @torch.inference_mode()
@@ -67,10 +87,17 @@ class Backbone:
             dtype=self.dtype,
             channels_last=self.channels_last,
         )
+        if self.onnx is not None:
+            return self.onnx(x)
         return self.model(x).float().cpu().numpy()
 
     async def info(self) -> dict:
-        return {"branch": self.branch, "device": str(self.device), "loaded": True}
+        return {
+            "branch": self.branch,
+            "device": str(self.device),
+            "backend": self.backend,
+            "loaded": True,
+        }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def __call__(self, items: list[Prepared | InputError]) -> list[np.ndarray | InputError]:

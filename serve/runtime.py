@@ -32,13 +32,21 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def limit_cpu_threads(num_cpus: float) -> None:
-    """One thread pool per replica sized to its CPUs: no oversubscription (DESIGN.md)."""
+def cpu_threads(num_cpus: float) -> int:
+    """Threads for a replica reserving `num_cpus` (a fraction still gets one thread)."""
+    return max(1, int(num_cpus))
+
+
+def limit_cpu_threads(num_cpus: float) -> int:
+    """One thread pool per replica sized to its CPUs: no oversubscription (DESIGN.md).
+
+    Returns the thread count, for backends with their own pool (ONNX Runtime)."""
     import cv2
 
-    threads = max(1, int(num_cpus))
+    threads = cpu_threads(num_cpus)
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
+    return threads
 
 
 def enable_cudnn_autotune() -> None:
