@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test lint bench clean
+.PHONY: venv serve test test-slow lint bench bench-quick loadtest clean
 
 venv: $(STAMP)
 
@@ -22,12 +22,27 @@ test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow" -q
 
+# Real Ray clusters on loopback: node loss under load, autoscaling (several minutes).
+test-slow: venv
+	$(BIN)/python -m pytest -m slow -q -s
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 bench: venv
 	$(BIN)/python -m bench.preprocess
+	$(BIN)/python -m bench --json out/bench.json
+
+bench-quick: venv
+	$(BIN)/python -m bench --quick --json out/bench-quick.json
+
+# Headless 60 s Locust run against a `make serve` started (and stopped) by the runner;
+# CSV + HTML land in $(LOADTEST_OUT). LOADTEST_SHAPE: step | spike | none.
+LOADTEST_SHAPE ?= step
+LOADTEST_OUT ?= loadtests/reports
+loadtest: venv
+	$(BIN)/python -m loadtests.run --shape $(LOADTEST_SHAPE) --run-time 60s --out $(LOADTEST_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

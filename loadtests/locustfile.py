@@ -1,0 +1,164 @@
+"""Locust load test for OrthoVision Serve: `make loadtest`, or
+
+    LOAD_SHAPE=step locust -f loadtests/locustfile.py --headless -H http://127.0.0.1:8000
+
+Users send single predictions (raw JPEG and DICOM), batches, explanation requests (then one
+poll), and bad inputs that must be answered 4xx (judged with `catch_response`: an expected
+4xx is a success, a 5xx or a 200 is a failure). At the end the SLO checks set the exit code:
+- SLO_MAX_FAIL_RATIO (default 0.01): failed / all requests;
+- SLO_P99_MS (default 5000): p99 of POST /v1/predict (a 2-core machine under a ramp to
+  16 users; set it from docs/PERFORMANCE.md for a bigger one);
+- 5xx other than 503 overload answers count as failures always.
+Images come from ../shared/data (synthetic stand-ins when it is absent).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+from locust import FastHttpUser, between, events, task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` and `loadtests`
+
+from bench.images import SHARED, fullsize, jpeg224, multipart  # noqa: E402
+
+SHAPE = os.environ.get("LOAD_SHAPE", "").lower()
+if SHAPE == "step":
+    from loadtests.shapes import StepRamp  # noqa: E402, F401  (locust picks it up)
+elif SHAPE == "spike":
+    from loadtests.shapes import Spike  # noqa: E402, F401
+elif SHAPE:
+    raise SystemExit(f"LOAD_SHAPE={SHAPE!r}: use step, spike or leave it unset")
+
+SLO_MAX_FAIL_RATIO = float(os.environ.get("SLO_MAX_FAIL_RATIO", "0.01"))
+SLO_P99_MS = float(os.environ.get("SLO_P99_MS", "5000"))
+BATCH_ITEMS = int(os.environ.get("BATCH_ITEMS", "8"))
+
+JPEGS = [s.data for s in jpeg224(32).samples]
+DICOMS = [s.data for s in fullsize(0).samples if s.content_type == "application/dicom"]
+BATCH_BODY, BATCH_CTYPE = multipart(jpeg224(BATCH_ITEMS).samples)
+_undecodable = sorted((SHARED / "bad-inputs" / "undecodable").glob("*"))
+BAD_INPUTS = {
+    "not-an-image": (b"this is not an image at all, just text" * 100, "image/png"),
+    "empty": (b"", "image/jpeg"),
+    "truncated-jpeg": (JPEGS[0][: len(JPEGS[0]) // 3], "image/jpeg"),
+}
+if _undecodable:
+    BAD_INPUTS["undecodable"] = (_undecodable[0].read_bytes(), "image/jpeg")
+
+
+def _judge(resp, expect_4xx: bool) -> None:
+    """An expected 4xx passes; a 503 overload answer must carry Retry-After."""
+    code = resp.status_code
+    if expect_4xx:
+        if 400 <= code < 500:
+            resp.success()
+        else:
+            resp.failure(f"expected a 4xx for a bad input, got {code}")
+    elif code == 200:
+        resp.success()
+    elif code == 503 and not resp.headers.get("Retry-After"):
+        resp.failure("503 without Retry-After")
+    else:
+        resp.failure(f"HTTP {code}")
+
+
+class RadiologyClient(FastHttpUser):
+    """A PACS router or a reader's viewer: mostly single studies, some batches."""
+
+    wait_time = between(0.05, 0.2)
+    network_timeout = 60.0
+    connection_timeout = 10.0
+
+    @task(10)
+    def predict_jpeg(self) -> None:
+        with self.client.post(
+            "/v1/predict",
+            data=random.choice(JPEGS),
+            headers={"Content-Type": "image/jpeg"},
+            name="/v1/predict",
+            catch_response=True,
+        ) as resp:
+            _judge(resp, expect_4xx=False)
+
+    @task(2)
+    def predict_dicom(self) -> None:
+        if not DICOMS:
+            return
+        with self.client.post(
+            "/v1/predict",
+            data=random.choice(DICOMS),
+            headers={"Content-Type": "application/dicom"},
+            name="/v1/predict [dicom]",
+            catch_response=True,
+        ) as resp:
+            _judge(resp, expect_4xx=False)
+
+    @task(2)
+    def predict_batch(self) -> None:
+        with self.client.post(
+            "/v1/predict/batch",
+            data=BATCH_BODY,
+            headers={"Content-Type": BATCH_CTYPE},
+            name="/v1/predict/batch",
+            catch_response=True,
+        ) as resp:
+            _judge(resp, expect_4xx=False)
+            if resp.status_code == 200 and resp.json().get("failed"):
+                resp.failure("a valid batch item failed")
+
+    @task(1)
+    def explain(self) -> None:
+        with self.client.post(
+            "/v1/predict?explain=true",
+            data=random.choice(JPEGS),
+            headers={"Content-Type": "image/jpeg"},
+            name="/v1/predict?explain=true",
+            catch_response=True,
+        ) as resp:
+            _judge(resp, expect_4xx=False)
+            url = resp.json().get("explanation_url") if resp.status_code == 200 else None
+        if url:
+            with self.client.get(url, name="/v1/explanations/[id]", catch_response=True) as poll:
+                if poll.status_code in (200, 202):
+                    poll.success()
+                else:
+                    poll.failure(f"HTTP {poll.status_code}")
+
+    @task(2)
+    def bad_input(self) -> None:
+        kind, (body, ctype) = random.choice(list(BAD_INPUTS.items()))
+        with self.client.post(
+            "/v1/predict",
+            data=body,
+            headers={"Content-Type": ctype},
+            name=f"/v1/predict [bad: {kind}]",
+            catch_response=True,
+        ) as resp:
+            _judge(resp, expect_4xx=True)
+
+
+@events.quitting.add_listener
+def check_slos(environment, **_kwargs) -> None:
+    """Exit code 1 when an SLO is missed (locust's own exit code is kept otherwise)."""
+    stats = environment.stats
+    total = stats.total
+    problems = []
+    if total.num_requests == 0:
+        problems.append("no requests were made")
+    elif total.fail_ratio > SLO_MAX_FAIL_RATIO:
+        problems.append(f"failure ratio {total.fail_ratio:.4f} > {SLO_MAX_FAIL_RATIO}")
+    predict = stats.get("/v1/predict", "POST")
+    if predict.num_requests:
+        p99 = predict.get_response_time_percentile(0.99)
+        if p99 > SLO_P99_MS:
+            problems.append(f"p99 of /v1/predict {p99:.0f} ms > {SLO_P99_MS:.0f} ms")
+    for problem in problems:
+        sys.stderr.write(f"SLO MISSED: {problem}\n")
+    if problems:
+        environment.process_exit_code = 1
+    else:
+        sys.stderr.write("SLOs met\n")
