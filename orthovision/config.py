@@ -187,8 +187,10 @@ class ServeConfig(_Strict):
     cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
+    # Admission control: the proxy answers 503 at once beyond ongoing + queued, so requests
+    # that are accepted keep their latency under load (size it: capacity x target latency).
     ingress: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
+        num_cpus=0.1, max_ongoing_requests=8, max_queued_requests=4
     )
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=4)
     backbone: DeploymentConfig = DeploymentConfig(

@@ -91,7 +91,14 @@ def preset(name: str) -> OrthoVisionConfig:
                     update={"min_replicas": 1, "max_replicas": 2, "num_gpus": 0.25, **on_model_pool}
                 ),
                 ingress=base.ingress.model_copy(
-                    update={"min_replicas": 1, "max_replicas": 4, **on_cpu_pool}
+                    update={
+                        "min_replicas": 1,
+                        "max_replicas": 4,
+                        "max_ongoing_requests": 64,
+                        "max_queued_requests": 32,
+                        "target_ongoing_requests": 32.0,
+                        **on_cpu_pool,
+                    }
                 ),
                 fusion=base.fusion.model_copy(
                     update={"min_replicas": 1, "max_replicas": 4, **on_cpu_pool}

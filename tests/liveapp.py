@@ -31,6 +31,16 @@ def radiograph(seed: int = 0, h: int = 320, w: int = 256) -> np.ndarray:
     return (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
 
 
+def post_with_retry(client: httpx.Client, path: str, attempts: int = 8, **kw) -> httpx.Response:
+    """POST as a well-behaved client does: back off and retry on 429/503 (admission control)."""
+    for attempt in range(attempts):
+        r = client.post(path, **kw)
+        if r.status_code not in (429, 503):
+            return r
+        time.sleep(min(2.0, 0.1 * 2**attempt))
+    return r
+
+
 @dataclass
 class LiveApp:
     url: str

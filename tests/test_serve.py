@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SHARED, make_dicom, make_jpeg, make_png, requires_shared
-from liveapp import VIEWER_KEY, radiograph
+from liveapp import VIEWER_KEY, post_with_retry, radiograph
 
 pytestmark = pytest.mark.serve
 
@@ -125,7 +125,7 @@ def test_concurrent_batching_poison_isolation_and_equality(app):
     single = c.post("/v1/predict", content=image).json()["probabilities"]
     bodies = [image] * 7 + [b"\xff\xd8\xff\xe0 not really a jpeg"]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda b: c.post("/v1/predict", content=b), bodies))
+        responses = list(pool.map(lambda b: post_with_retry(c, "/v1/predict", content=b), bodies))
     assert [r.status_code for r in responses[:7]] == [200] * 7
     assert responses[7].status_code == 422
     for r in responses[:7]:
@@ -150,7 +150,9 @@ def test_custom_metrics_exported_with_batches_over_one(app):
     image = make_png(radiograph(9))
     with ThreadPoolExecutor(16) as pool:
         codes = list(
-            pool.map(lambda _: c.post("/v1/predict", content=image).status_code, range(32))
+            pool.map(
+                lambda _: post_with_retry(c, "/v1/predict", content=image).status_code, range(32)
+            )
         )
     assert codes == [200] * 32
     deadline, text = time.monotonic() + 60, ""
