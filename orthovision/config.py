@@ -190,7 +190,7 @@ class ServeConfig(_Strict):
     # Admission control: the proxy answers 503 at once beyond ongoing + queued, so requests
     # that are accepted keep their latency under load (size it: capacity x target latency).
     ingress: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.1, max_ongoing_requests=8, max_queued_requests=4
+        num_cpus=0.1, max_ongoing_requests=8, max_queued_requests=2
     )
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=4)
     backbone: DeploymentConfig = DeploymentConfig(
