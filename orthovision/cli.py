@@ -186,6 +186,60 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Offline counterpart of GET /v1/predictions/{id}/report.pdf: classify, explain, PDF."""
+    from orthovision.checkpoint import load_checkpoint
+    from orthovision.explain import explain, overlay_png
+    from orthovision.pdf_report import render_report
+    from orthovision.pipeline import LocalPredictor
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    _warn_if_untrained(checkpoint.card)
+    predictor = LocalPredictor(checkpoint)
+    try:
+        prediction, prepared = predictor.predict(args.image.read_bytes())
+    except OSError as exc:
+        _out(f"{args.image}: cannot read file: {exc.strerror}", sys.stderr)
+        return EXIT_REJECTED
+    except InputError as exc:
+        _out(f"{args.image}: rejected ({exc.code}): {exc.message}", sys.stderr)
+        return EXIT_REJECTED
+    overlay = None
+    if not args.no_explain:
+        probs = prediction.probabilities
+        target = list(probs).index(max(probs, key=probs.get))
+        heat = explain(predictor.model, prepared.pixels, target_class=target).heatmap
+        overlay = overlay_png(prepared.pixels[0], heat, predictor.cfg.explain.overlay_alpha)
+    out = args.out or args.image.with_suffix(".report.pdf")
+    out.write_bytes(render_report(prediction.model_dump(mode="json"), overlay))
+    _out(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from orthovision.bulk import RetryPolicy, discover, run_bulk
+
+    paths = discover(args.source)
+    summary = asyncio.run(
+        run_bulk(
+            paths,
+            args.url,
+            args.api_key or os.environ.get("ORTHOVISION_API_KEY"),
+            args.out,
+            concurrency=args.concurrency,
+            policy=RetryPolicy(max_attempts=args.max_attempts),
+            timeout_s=args.timeout,
+            progress=not args.no_progress,
+            explain=args.explain,
+        )
+    )
+    for line in summary.lines():
+        _out(line, sys.stderr)
+    return summary.exit_code()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orthovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="PDF second-opinion report of one image (offline)")
+    p.add_argument("image", type=Path)
+    p.add_argument("--out", type=Path, help="PDF path (default: IMAGE.report.pdf)")
+    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    p.add_argument("--no-explain", action="store_true", help="leave the heat map out")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bulk", help="send a folder or manifest to the service; NDJSON out")
+    p.add_argument("source", type=Path, metavar="DIR_OR_MANIFEST")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", help="X-API-Key (default: $ORTHOVISION_API_KEY)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path("results.ndjson"))
+    p.add_argument("--max-attempts", type=int, default=8, help="per item, with backoff")
+    p.add_argument("--timeout", type=float, default=120.0, help="per request, seconds")
+    p.add_argument("--explain", action="store_true", help="also queue GradCAM++ explanations")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_bulk)
     return parser
 
 
