@@ -71,6 +71,8 @@ def serve_config(args: argparse.Namespace, tmp: Path):
             "store_url": f"sqlite:///{tmp}/store.sqlite3",
         }
     )
+    if args.cpu_backend:
+        serve = serve.model_copy(update={"cpu_backend": args.cpu_backend})
     if "security" in type(serve).model_fields:  # loopback needs no API keys
         serve = serve.model_copy(update={"security": type(serve.security)()})
     return OrthoVisionConfig.model_validate(
@@ -85,13 +87,14 @@ def gpu_bench_config(cfg, cpus: int):
     def pin(d, replicas: int, **extra):
         return d.model_copy(update={"min_replicas": replicas, "max_replicas": replicas, **extra})
 
+    # One card: two backbone replicas and the explainer must fit in 1.0 GPU together.
     serve = s.model_copy(
         update={
             "preprocessor": pin(s.preprocessor, max(1, cpus // 2 - 2)),
-            "backbone": pin(s.backbone, 1),
+            "backbone": pin(s.backbone, 1, num_gpus=0.375),
             "ingress": pin(s.ingress, 2),
             "fusion": pin(s.fusion, 2),
-            "explainer": pin(s.explainer, 1),
+            "explainer": pin(s.explainer, 1, num_gpus=0.25),
         }
     )
     return cfg.model_copy(update={"serve": serve})
@@ -208,6 +211,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="CUDA: the gpu preset, fp16 limit")
     parser.add_argument("--json", type=Path, help="also write the RESULT object here")
     parser.add_argument("--config", type=Path, help="Serve config file (default: local preset)")
+    parser.add_argument("--cpu-backend", choices=["torch", "onnx"], help="override the config's")
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--naive-port", type=int, default=8011)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -219,7 +223,9 @@ def main() -> None:
     args = parser.parse_args()
     duration_s = args.duration_s or (10.0 if args.quick else 30.0)
     if args.gpu and args.batch_concurrency == 2:
-        args.batch_concurrency = 8
+        # 4 x 16 images in flight: two full GPU batches, and within what one ingress replica
+        # may queue at the preprocessors (more would be answered 503 by design).
+        args.batch_concurrency, args.batch_items = 4, 16
     for port in (args.port, args.naive_port):
         if not port_is_free(port):
             raise SystemExit(f"port {port} is in use; pass --port/--naive-port")
@@ -256,6 +262,16 @@ def main() -> None:
 
     naive = None if args.skip_naive else run_naive(args, sets, tmp, duration_s)
     serve = run_serve(args, sets, cfg, tmp, duration_s)
+    if not args.quick:
+        # The CPUs may be shared: measure the limit again after the servers and keep the
+        # higher one, so a busy moment can only lower the service's ratios, never raise them.
+        again = compute_limit(branches, backend, device, cpus, batches, point_s)
+        log(f"compute limit again ({backend}): {again}")
+        limit["first_img_per_s"] = limit["img_per_s"]
+        limit["second_img_per_s"] = again["img_per_s"]
+        if again["img_per_s"] > limit["img_per_s"]:
+            again.update(first_img_per_s=limit["img_per_s"], second_img_per_s=again["img_per_s"])
+            limit = again
 
     lim = limit["img_per_s"]
     pred = serve["predict"]
