@@ -426,9 +426,20 @@ class Ingress:
         if source is None:
             return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
         created_at = clinical.private(record).get("created_at", time.time())
-        body = await asyncio.to_thread(
+        return await self._dicom_response(
             lambda: to_bytes(structured_report(clinical.public(record), source, created_at))
         )
+
+    async def _dicom_response(self, build) -> Response:
+        """Run a DICOM builder off the loop. Its failures may quote the source's header values
+        (patient identifiers): log and answer the exception type only."""
+        try:
+            body = await asyncio.to_thread(build)
+        except Exception as exc:  # any builder failure; the message is never forwarded
+            log.warning("DICOM output failed: %s", type(exc).__name__)
+            return error_response(
+                422, "dicom_output_failed", "the source's DICOM attributes cannot be reused"
+            )
         return Response(body, media_type="application/dicom")
 
     @api.get(
@@ -455,7 +466,7 @@ class Ingress:
             rgb = clinical.png_to_rgb(overlay)
             return to_bytes(secondary_capture(rgb, clinical.public(record), source, created_at))
 
-        return Response(await asyncio.to_thread(build), media_type="application/dicom")
+        return await self._dicom_response(build)
 
     @api.post(
         "/dicomweb/studies",
