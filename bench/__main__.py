@@ -135,8 +135,8 @@ def run_naive(args, sets, tmp: Path, duration_s: float) -> dict:
         url + "/healthz",
         tmp / "naive.log",
     )
-    server.start(ready_timeout_s=120)
     try:
+        server.start(ready_timeout_s=120)
         out = {}
         for name, image_set in sets.items():
             server.memory.reset_peak()
@@ -159,9 +159,9 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
         url + "/readyz",
         tmp / "serve.log",
     )
-    server.start(ready_timeout_s=300)
     out: dict = {"predict": {}, "fullsize": {}}
     try:
+        server.start(ready_timeout_s=300)
         jpeg = bodies(sets["jpeg224"])
         closed_loop(url, "/v1/predict", jpeg, 8, 3, 0)  # warm every path once
         for c in args.concurrency:

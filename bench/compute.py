@@ -138,18 +138,24 @@ def compute_limit(
     for layout, jobs in layouts.items():
         procs = [_spawn(b, t, backend, device, batches, seconds) for b, t in jobs]
         samplers = [MemorySampler(p.pid, 0.5).start() for p in procs]
-        for p in procs:
-            if p.stdout.readline().strip() != "READY":
-                raise RuntimeError(f"compute-limit child failed ({layout})")
-        start_at = str(time.time() + 0.5)
-        for p in procs:
-            p.stdin.write(start_at + "\n")
-            p.stdin.close()
-        outs = [json.loads(p.stdout.read().strip().splitlines()[-1]) for p in procs]
-        for p in procs:
-            p.wait()
-        for s in samplers:
-            s.stop()
+        try:
+            for p in procs:
+                if p.stdout.readline().strip() != "READY":
+                    raise RuntimeError(f"compute-limit child failed ({layout})")
+            start_at = str(time.time() + 0.5)
+            for p in procs:
+                p.stdin.write(start_at + "\n")
+                p.stdin.close()
+            outs = [json.loads(p.stdout.read().strip().splitlines()[-1]) for p in procs]
+            for p in procs:
+                p.wait()
+        finally:
+            for p in procs:  # never leave a child behind (error, Ctrl-C)
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for s in samplers:
+                s.stop()
         peak_mb[layout] = round(sum(s.peak_mb for s in samplers), 1)
         # Each image needs every branch: a layout runs at its slowest process's rate.
         table[layout] = {str(b): min(o["img_per_s"][str(b)] for o in outs) for b in batches}
