@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayError
-from ray.serve.context import _get_serve_request_context
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -103,10 +102,9 @@ SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9-]{8,64}")
 
 
 def current_request_id() -> str:
-    """Ray Serve's own request id (the proxy's X-Request-ID response header), when it is safe
-    to use as a store key and URL segment; else a fresh one."""
-    rid = _get_serve_request_context().request_id
-    return rid if rid and SAFE_REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex
+    """A fresh id per request: a store key and URL segment. (Ray Serve's proxy id is not used:
+    concurrent requests were seen sharing one, which would mix their records.)"""
+    return uuid.uuid4().hex
 
 
 @api.middleware("http")
