@@ -20,13 +20,26 @@ import httpx
 import psutil
 
 
+def own_processes() -> list[psutil.Process]:
+    """Processes of the Ray node this driver started: its raylet and all descendants, so
+    other Ray instances on the same machine are never touched."""
+    import ray
+
+    node = ray._private.worker._global_node  # the driver's own node; no public handle exists
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return [raylet, *raylet.children(recursive=True)]
+
+
 def replica_pids(deployment: str, app: str = "orthovision") -> list[int]:
     """PIDs of a deployment's replica processes (Ray titles them ServeReplica:app:name)."""
     tag = f"ServeReplica:{app}:{deployment}"
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if tag in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.pid)
+    for proc in own_processes():
+        try:
+            if tag in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
     return pids
 
 

@@ -14,6 +14,8 @@ from conftest import SHARED
 from hostile import Case, body_cases
 from liveapp import KEY
 
+from bench.faults import own_processes
+
 pytestmark = pytest.mark.serve
 CASES = body_cases()
 SHARED_BAD = sorted(p for p in (SHARED / "bad-inputs").rglob("*") if p.suffix in {".jpg", ".dcm"})
@@ -30,14 +32,14 @@ def replica_names() -> set[str]:
 
 
 def replica_rss_mb() -> float:
+    """Resident memory of this session's replica processes (not other Ray instances')."""
     total = 0
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "ServeReplica:orthovision" in cmd:
-            try:
+    for proc in own_processes():
+        try:
+            if "ServeReplica:orthovision" in " ".join(proc.cmdline()):
                 total += proc.memory_info().rss
-            except psutil.Error:
-                continue
+        except psutil.Error:
+            continue
     return total / 2**20
 
 
