@@ -141,6 +141,10 @@ def _save_resolved_config(cfg: OrthoVisionConfig, out_dir: Path) -> None:
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+def _over_budget(started: float, budget_s: float | None) -> bool:
+    return budget_s is not None and time.monotonic() - started > budget_s
+
+
 def _clip(params, max_norm: float | None) -> None:
     if max_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -252,7 +256,8 @@ def train(
             total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, mininterval=2
         )
         for step, (x, y) in enumerate(loader):
-            if step >= steps:
+            if step >= steps or _over_budget(started, tc.max_train_time_s):
+                # At the budget the partial epoch is still validated and can be the best.
                 break
             y = y.to(device, non_blocking=True)
             with _autocast(device, use_amp):
@@ -309,6 +314,11 @@ def train(
                     "accuracy": record["val"][key]["accuracy"],
                     "epoch": epoch + 1,
                     "state": {k: v.detach().cpu().clone() for k, v in sub.state_dict().items()},
+                    # The best state's validation logits: no second pass after training.
+                    "val_logits": {
+                        n: torch.from_numpy(val_logits[n])
+                        for n in (branch_names if not branch_mode else [key])
+                    },
                 }
         record["epoch_time_s"] = time.monotonic() - t0
         last_epoch_s = record["epoch_time_s"]
@@ -345,7 +355,11 @@ def train(
     model.channels_last = False  # a serving choice, not a property of the checkpoint
 
     # Fusion weights on frozen branches (paper's second stage).
-    val_logits = predict_logits(model, data.pixels[val_idx], tc.eval_batch_size, device)
+    stored = {n: b["val_logits"][n] for b in best.values() for n in b.get("val_logits", {})}
+    if set(stored) == set(branch_names):
+        val_logits = {n: stored[n].numpy() for n in branch_names}
+    else:
+        val_logits = predict_logits(model, data.pixels[val_idx], tc.eval_batch_size, device)
     fusion_record: dict = {"fitted_on": None, "init": list(cfg.model.fusion_init)}
     if branch_mode and tc.fusion_epochs > 0:
         model.fusion_params.requires_grad_(True)
