@@ -25,7 +25,7 @@ def test_sigkill_backbone_replica_loses_nothing(live_app):
 
 def test_killed_explainer_never_leaves_explanations_pending(live_app):
     result = kill_explainer_with_pending(
-        live_app.url, make_jpeg(radiograph(8)), {"X-API-Key": KEY}, n=3
+        live_app.url, make_jpeg(radiograph(8)), {"X-API-Key": KEY}, n=6
     )
     print("explainer kill:", json.dumps(result))
     assert result["pending_at_kill"] >= 1, "nothing was pending when the Explainer died"

@@ -159,7 +159,12 @@ def test_custom_metrics_exported_with_batches_over_one(app):
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = scrape(app["metrics_port"])
-        if metric_sum(text, "ray_orthovision_predictions_total") >= 32:
+        # Each replica process flushes its own metrics: wait for all the counters checked below.
+        if (
+            metric_sum(text, "ray_orthovision_predictions_total") >= 32
+            and metric_sum(text, "ray_orthovision_rejected_inputs_total") >= 1
+            and metric_sum(text, "ray_orthovision_backbone_batch_size_count") > 0
+        ):
             break
         time.sleep(2)
     assert metric_sum(text, "ray_orthovision_predictions_total") >= 32
