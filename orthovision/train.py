@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from orthovision.augment import train_augmentation
-from orthovision.checkpoint import CARD_FILE, save_checkpoint
+from orthovision.checkpoint import CARD_FILE, load_checkpoint, save_checkpoint
 from orthovision.config import OrthoVisionConfig
 from orthovision.data import (
     PreparedData,
@@ -404,24 +404,6 @@ def train(
     }
     validated = [c for c in data.classes_with_data("train") if c in data.classes_with_data("val")]
 
-    metrics: dict = {}
-    test_idx = data.indices("test")
-    if evaluate_test and test_idx:
-        test_logits = predict_logits(model, data.pixels[test_idx], tc.eval_batch_size, device)
-        report = compute_report(
-            test_logits,
-            np.asarray(data.targets("test"), dtype=np.int64),
-            [data.samples[i].group for i in test_idx],
-            classes,
-            fusion_weights=fw,
-            temperature=temperature,
-            branch_val_accuracy={n: validation[n]["accuracy"] for n in branch_names},
-            abstain_threshold=cfg.fusion.abstain_threshold,
-            n_bootstrap=tc.bootstrap_samples,
-            seed=tc.seed,
-        )
-        metrics = {"split": "test", **report.card_metrics()}
-
     throughputs = [h["train_img_per_s"] for h in history if h.get("train_img_per_s")]
     training = {
         "mode": tc.mode,
@@ -453,13 +435,33 @@ def train(
         validated_classes=validated,
         trained=True,
         data=data_summary,
-        metrics=metrics,
+        metrics={},
     )
+    # The held-out test split, once, on the weights exactly as stored (float16 convs).
+    metrics: dict = {}
+    test_idx = data.indices("test")
+    if evaluate_test and test_idx:
+        stored_model = load_checkpoint(out_dir).model
+        test_logits = predict_logits(stored_model, data.pixels[test_idx], tc.eval_batch_size)
+        report = compute_report(
+            test_logits,
+            np.asarray(data.targets("test"), dtype=np.int64),
+            [data.samples[i].group for i in test_idx],
+            classes,
+            fusion_weights=stored_model.fusion_weights.numpy(),
+            temperature=float(stored_model.temperature),
+            branch_val_accuracy={n: validation[n]["accuracy"] for n in branch_names},
+            abstain_threshold=cfg.fusion.abstain_threshold,
+            n_bootstrap=tc.bootstrap_samples,
+            seed=tc.seed,
+        )
+        metrics = {"split": "test", **report.card_metrics()}
     # The card has no slot for the training record; add it beside the others (the card's
     # integrity check covers the weights, not the card text).
     card_path = out_dir / CARD_FILE
     card = json.loads(card_path.read_text())
     card["training"] = training
+    card["metrics"] = metrics
     card["notes"] = card_notes(cfg, validated)
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     log.info("wrote %s (validated classes %s)", out_dir, validated)
