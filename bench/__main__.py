@@ -137,10 +137,13 @@ def run_naive(args, sets, tmp: Path, duration_s: float) -> dict:
     )
     try:
         server.start(ready_timeout_s=120)
+        probe = {"cpu_probe": server.cpu_s}
         out = {}
         for name, image_set in sets.items():
             server.memory.reset_peak()
-            row = closed_loop(url, "/predict", bodies(image_set), 8, duration_s, args.warmup_s)
+            row = closed_loop(
+                url, "/predict", bodies(image_set), 8, duration_s, args.warmup_s, **probe
+            )
             server.memory.sample()
             row["peak_mem_mb"] = round(server.memory.peak_mb, 1)
             out[name] = row
@@ -162,11 +165,12 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
     out: dict = {"predict": {}, "fullsize": {}}
     try:
         server.start(ready_timeout_s=300)
+        probe = {"cpu_probe": server.cpu_s}
         jpeg = bodies(sets["jpeg224"])
         closed_loop(url, "/v1/predict", jpeg, 8, 3, 0)  # warm every path once
         for c in args.concurrency:
             server.memory.reset_peak()
-            row = closed_loop(url, "/v1/predict", jpeg, c, duration_s, args.warmup_s)
+            row = closed_loop(url, "/v1/predict", jpeg, c, duration_s, args.warmup_s, **probe)
             row["peak_mem_mb"] = round(server.memory.peak_mb, 1)
             out["predict"][str(c)] = row
             log(f"serve /v1/predict c={c}: {row}")
@@ -179,12 +183,13 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
             args.batch_concurrency,
             duration_s,
             args.warmup_s,
+            **probe,
         )
         row.update(images_per_request=per_request, peak_mem_mb=round(server.memory.peak_mb, 1))
         out["batch"] = row
         log(f"serve /v1/predict/batch x{per_request} c={args.batch_concurrency}: {row}")
         server.memory.reset_peak()
-        row = closed_loop(url, "/v1/predict", bodies(sets["fullsize"]), 8, duration_s, 2)
+        row = closed_loop(url, "/v1/predict", bodies(sets["fullsize"]), 8, duration_s, 2, **probe)
         row["peak_mem_mb"] = round(server.memory.peak_mb, 1)
         out["fullsize"]["8"] = row
         log(f"serve fullsize c=8: {row}")
@@ -280,6 +285,14 @@ def main() -> None:
         "predict_c8_over_compute_limit": ratio(pred.get("8", {}).get("img_per_s"), lim),
         "predict_c32_over_compute_limit": ratio(pred.get("32", {}).get("img_per_s"), lim),
         "half_load_p99_over_p50": serve["half_load"]["p99_over_p50"],
+        # The same ratios in images per CPU-second of the server's own processes: what the
+        # service costs per image against the bare models, whatever else runs on the box.
+        "batch_over_compute_limit_per_cpu": ratio(
+            serve["batch"].get("img_per_cpu_s"), limit.get("img_per_cpu_s")
+        ),
+        "predict_c8_over_compute_limit_per_cpu": ratio(
+            pred.get("8", {}).get("img_per_cpu_s"), limit.get("img_per_cpu_s")
+        ),
     }
     if naive:
         ratios.update(
@@ -291,6 +304,13 @@ def main() -> None:
             ),
             fullsize_c8_over_naive_fullsize=ratio(
                 serve["fullsize"]["8"]["img_per_s"], naive["fullsize"]["img_per_s"]
+            ),
+            predict_c8_over_naive_jpeg224_per_cpu=ratio(
+                pred.get("8", {}).get("img_per_cpu_s"), naive["jpeg224"].get("img_per_cpu_s")
+            ),
+            fullsize_c8_over_naive_fullsize_per_cpu=ratio(
+                serve["fullsize"]["8"].get("img_per_cpu_s"),
+                naive["fullsize"].get("img_per_cpu_s"),
             ),
         )
     targets = None
@@ -344,16 +364,23 @@ def _le(v: float | None, t: float) -> bool | None:
 
 
 def print_table(r: dict) -> None:
-    rows = [("compute limit (model only)", {"img_per_s": r["compute_limit"]["img_per_s"]})]
+    lim = r["compute_limit"]
+    rows = [
+        (
+            "compute limit (model only)",
+            {"img_per_s": lim["img_per_s"], "img_per_cpu_s": lim.get("img_per_cpu_s")},
+        )
+    ]
     if r["naive"]:
         rows += [(f"naive {k} c=8", v) for k, v in r["naive"].items()]
     s = r["serve"]
     rows += [(f"serve /v1/predict c={c}", v) for c, v in s["predict"].items()]
     rows += [(f"serve /v1/predict/batch x{s['batch']['images_per_request']}", s["batch"])]
     rows += [("serve fullsize c=8", s["fullsize"]["8"]), ("serve half-load (open)", s["half_load"])]
-    print(f"{'system':34s} {'img/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} {'MiB':>7s}")
+    keys = ("img_per_s", "img_per_cpu_s", "p50_ms", "p95_ms", "p99_ms", "peak_mem_mb")
+    print(f"{'system':34s} " + " ".join(f"{k[:8]:>8s}" for k in keys))
     for name, v in rows:
-        cells = [v.get(k) for k in ("img_per_s", "p50_ms", "p95_ms", "p99_ms", "peak_mem_mb")]
+        cells = [v.get(k) for k in keys]
         print(f"{name:34s} " + " ".join(f"{'-' if c is None else c:>8}" for c in cells))
     print("ratios:", json.dumps(r["ratios"]))
     if r["targets_met"]:

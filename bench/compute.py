@@ -84,20 +84,26 @@ def child(args: argparse.Namespace) -> dict:
     # Every process of a layout measures in the same windows: tell the parent, get the start.
     print("READY", flush=True)
     start_at = float(sys.stdin.readline())
-    results = {}
+    results, cpu_per_img = {}, {}
     for k, batch in enumerate(args.batches):
         x = inputs[batch]
         window_start = start_at + k * (args.seconds + args.gap_s)
         while time.time() < window_start:
             time.sleep(0.005)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         images = 0
         while time.perf_counter() - t0 < args.seconds:
             for r in runners:
                 r(x)
             images += batch
         results[str(batch)] = round(images / (time.perf_counter() - t0), 2)
-    return {"branches": branches, "threads": args.threads, "img_per_s": results}
+        cpu_per_img[str(batch)] = (time.process_time() - c0) / images
+    return {
+        "branches": branches,
+        "threads": args.threads,
+        "img_per_s": results,
+        "cpu_s_per_img": cpu_per_img,
+    }
 
 
 def _spawn(branches: str, threads: int, backend: str, device: str, batches, seconds):
@@ -135,6 +141,7 @@ def compute_limit(
         layouts["split"] = [(b, cpus // len(branch_names)) for b in branch_names]
     table: dict[str, dict[str, float]] = {}
     peak_mb: dict[str, float] = {}
+    per_cpu: dict[str, dict[str, float]] = {}
     for layout, jobs in layouts.items():
         procs = [_spawn(b, t, backend, device, batches, seconds) for b, t in jobs]
         samplers = [MemorySampler(p.pid, 0.5).start() for p in procs]
@@ -159,6 +166,10 @@ def compute_limit(
         peak_mb[layout] = round(sum(s.peak_mb for s in samplers), 1)
         # Each image needs every branch: a layout runs at its slowest process's rate.
         table[layout] = {str(b): min(o["img_per_s"][str(b)] for o in outs) for b in batches}
+        # CPU cost of one image: every process handles every image.
+        per_cpu[layout] = {
+            str(b): round(1 / sum(o["cpu_s_per_img"][str(b)] for o in outs), 3) for b in batches
+        }
     best_layout, best_batch = max(
         ((lay, b) for lay in table for b in table[lay]), key=lambda lb: table[lb[0]][lb[1]]
     )
@@ -169,6 +180,9 @@ def compute_limit(
         "best_layout": best_layout,
         "best_batch": int(best_batch),
         "by_layout_and_batch": table,
+        # Images per CPU-second, best point: a load-robust limit when the CPUs are shared.
+        "img_per_cpu_s": max(v for lay in per_cpu.values() for v in lay.values()),
+        "img_per_cpu_s_by_layout_and_batch": per_cpu,
         "peak_mem_mb": peak_mb[best_layout],
         "seconds_per_point": seconds,
     }

@@ -14,7 +14,7 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -105,8 +105,12 @@ def closed_loop(
     warmup_s: float = 2.0,
     max_requests: int | None = None,
     timeout_s: float = 120.0,
+    cpu_probe: Callable[[], float] | None = None,
 ) -> dict:
-    """`concurrency` workers each send the next body as soon as the last answer came back."""
+    """`concurrency` workers each send the next body as soon as the last answer came back.
+
+    `cpu_probe`: CPU seconds used so far by the server under test; with it the result also
+    holds `img_per_cpu_s`, which other processes on a shared machine cannot move much."""
     client = _Client(url, timeout_s)
     run = Run()
     counter = iter(range(1 << 62))
@@ -128,12 +132,24 @@ def closed_loop(
             if t0 >= start:  # requests sent during warm-up are not counted
                 run.add((t1 - t0) * 1000, body.images, status == 200)
 
+    cpu_at_start: list[float] = []
+    timer = None
+    if cpu_probe is not None:
+        timer = threading.Timer(
+            max(0.0, start - time.perf_counter()), lambda: cpu_at_start.append(cpu_probe())
+        )
+        timer.start()
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     # Every request sent in the window is counted, so the window closes with the last answer.
     run.wall_s = max(1e-9, time.perf_counter() - start)
     out = run.summary()
     out["concurrency"] = concurrency
+    if timer is not None:
+        timer.join()
+        cpu_s = cpu_probe() - cpu_at_start[0]
+        out["server_cpu_s"] = round(cpu_s, 2)
+        out["img_per_cpu_s"] = round(run.images / cpu_s, 3) if cpu_s > 0 else None
     return out
 
 

@@ -43,6 +43,18 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 class MemorySampler:
     """Peak of the summed PSS of a process tree, sampled every `interval_s` in a thread."""
 
@@ -127,6 +139,9 @@ class Server:
             self.stop()
             tail = self.log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{self.name} did not become ready; log tail:\n{tail}")
+
+    def cpu_s(self) -> float:
+        return tree_cpu_s(self.proc.pid) if self.proc else 0.0
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self.proc is None:
