@@ -60,7 +60,13 @@ def replica_addresses(app_name: str) -> dict[str, set[str]]:
     return placed
 
 
-def run(requests: int = 160, concurrency: int = 4, kill_after: int = 40, down_s: float = 3.0):
+def run(
+    requests: int = 160,
+    concurrency: int = 4,
+    kill_after: int = 40,
+    down_s: float = 3.0,
+    max_load_s: float = 900.0,
+) -> dict:
     http_port = free_port()
     cfg = OrthoVisionConfig.model_validate(two_pool_config(http_port).model_dump())
     body, source = sample_jpeg()
@@ -84,7 +90,7 @@ def run(requests: int = 160, concurrency: int = 4, kill_after: int = 40, down_s:
                 d: ips == {model_node.ip} for d, ips in placed.items() if d.startswith("Backbone")
             }
 
-            client = RetryingClient(url, body)
+            client = RetryingClient(url, body, deadline=time.monotonic() + max_load_s)
             done = threading.Semaphore(0)
             events: dict[str, float] = {}
 
@@ -103,7 +109,8 @@ def run(requests: int = 160, concurrency: int = 4, kill_after: int = 40, down_s:
                 try:
                     model_node.restart()
                     events["restarted"] = time.monotonic()
-                    print("model node restarted", flush=True)
+                    tries = len(model_node.old_temp_dirs)
+                    print(f"model node restarted ({tries} start attempt(s))", flush=True)
                 except (RuntimeError, TimeoutError) as exc:
                     print(f"model node restart FAILED: {exc}", flush=True)
 

@@ -141,12 +141,25 @@ class RayNode:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
 
-    def restart(self) -> RayNode:
-        """Start again as a fresh node (a new pod): new temp dir, same address and resources."""
+    def restart(self, attempts: int = 4) -> RayNode:
+        """Start again as a fresh node (a new pod): new temp dir, same address and resources.
+
+        Retried like a pod in CrashLoopBackOff: on a saturated CPU a raylet can miss Ray's
+        fixed 30 s registration deadline, and a second try then usually succeeds.
+        """
+        for _ in range(attempts - 1):
+            self._fresh_temp_dir()
+            try:
+                return self.start()
+            except (RuntimeError, TimeoutError):
+                self.kill()  # what the failed try left behind
+        self._fresh_temp_dir()
+        return self.start()
+
+    def _fresh_temp_dir(self) -> None:
         self.old_temp_dirs.append(self.temp_dir)
         self.temp_dir = tempfile.mkdtemp(prefix="ovr-", dir="/tmp")
         self.proc = None
-        return self.start()
 
     def stop(self) -> None:
         """Polite stop (SIGTERM), then SIGKILL whatever is left; remove the temp dirs."""
@@ -242,6 +255,8 @@ class RetryingClient:
     url: str
     body: bytes
     budget_s: float = 180.0
+    # Absolute time.monotonic() after which nothing is retried: the whole run stays bounded.
+    deadline: float = float("inf")
     first_backoff_s: float = 0.2
     max_backoff_s: float = 4.0
     failed_attempts: int = 0
@@ -274,7 +289,8 @@ class RetryingClient:
             except httpx.HTTPError:
                 pass
             self._count("failed_attempts")
-            if time.monotonic() - started + backoff > self.budget_s:
+            now = time.monotonic()
+            if now - started + backoff > self.budget_s or now + backoff > self.deadline:
                 self._count("lost")
                 return False
             time.sleep(backoff)
