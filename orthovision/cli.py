@@ -291,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train backbones under identical conditions; print table")
     p.add_argument("-c", "--config", type=Path, help="YAML config (its train section is shared)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--backbones", nargs="+", metavar="TIMM[:INIT]", help="default: the paper's")
+    # Comma-separated: a space-separated list would swallow the KEY=VALUE overrides.
+    p.add_argument(
+        "--backbones",
+        type=lambda v: [b for b in v.split(",") if b],
+        metavar="TIMM[:INIT],...",
+        help="default: the paper's Table 04 backbones",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_compare)
