@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test test-slow lint bench bench-quick loadtest clean
+.PHONY: venv serve test test-slow lint bench bench-quick loadtest clean fuzz
 
 venv: $(STAMP)
 
