@@ -34,6 +34,9 @@ RAY = str(Path(sys.executable).parent / "ray")
 LOOPBACK = "127.0.0.2"
 
 
+AUTH_TOKEN = secrets.token_hex(32)  # this driver's clusters only
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("0.0.0.0", 0))  # free on every address: some Ray ports bind all of them
@@ -204,6 +207,15 @@ def disconnect() -> None:
     ray.shutdown()
 
 
+def _reload_ray_auth() -> None:
+    """Make this process re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN: Ray caches both at import
+    (a pytest session imports Ray long before a cluster of ours exists)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 @contextlib.contextmanager
 def cluster(nodes: list[RayNode]) -> Iterator[list[RayNode]]:
     """Start the nodes in order (head first); always stop them, in reverse.
@@ -211,10 +223,11 @@ def cluster(nodes: list[RayNode]) -> Iterator[list[RayNode]]:
     Every node and this driver share one fresh token (Ray's token authentication): a node
     never falls back to a token file another Ray on the machine left in ~/.ray.
     """
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": AUTH_TOKEN}
     saved = {k: os.environ.get(k) for k in (*auth, "RAY_ADDRESS")}
     os.environ.update(auth)
     os.environ.pop("RAY_ADDRESS", None)
+    _reload_ray_auth()
     started: list[RayNode] = []
     try:
         for node in nodes:
@@ -229,6 +242,7 @@ def cluster(nodes: list[RayNode]) -> Iterator[list[RayNode]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _reload_ray_auth()
 
 
 def replica_counts(app_name: str, names: list[str]) -> dict[str, int]:
