@@ -29,8 +29,10 @@ from bench.raycluster import (
     replica_counts,
 )
 from orthovision.config import DeploymentConfig, OrthoVisionConfig, ServeConfig
+from orthovision.render import served_branches
 
-WATCHED = ["Preprocessor", "Backbone_efficientnet_b0", "Backbone_resnet18"]
+# The Preprocessor and each Backbone of the served (default) checkpoint.
+WATCHED = ["Preprocessor"] + [f"Backbone_{n}" for n in served_branches(OrthoVisionConfig())]
 
 
 def autoscaling_config(http_port: int) -> OrthoVisionConfig:

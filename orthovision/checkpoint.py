@@ -114,6 +114,11 @@ def save_checkpoint(
     return out_dir
 
 
+def branch_names(card: dict) -> list[str]:
+    """The branch (backbone) names a checkpoint carries, in fusion order."""
+    return [b["name"] for b in card["config"]["model"]["backbones"]]
+
+
 def read_card(path: Path | str) -> dict:
     """The model card of a checkpoint folder (no weights loaded)."""
     card_path = Path(path) / CARD_FILE

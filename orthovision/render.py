@@ -22,6 +22,21 @@ CPU_NODE_RESOURCE = "orthovision_cpu_node"
 MODEL_NODE_RESOURCE = "orthovision_model_node"
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def served_branches(cfg: OrthoVisionConfig) -> list[str]:
+    """Branch names of the checkpoint the config serves (its card in this checkout), else
+    the config's own backbones: deployment names and alerts follow what is served."""
+    from orthovision.checkpoint import CheckpointError, branch_names, read_card
+
+    path = Path(cfg.serve.checkpoint)
+    try:
+        return branch_names(read_card(path if path.is_absolute() else PROJECT_ROOT / path))
+    except (CheckpointError, KeyError):
+        return [b.name for b in cfg.model.backbones]
+
+
 def deployment_options(d: DeploymentConfig) -> dict:
     """Ray Serve deployment options for one DeploymentConfig (autoscaled when min < max)."""
     actor: dict = {"num_cpus": d.num_cpus}

@@ -15,6 +15,7 @@ from serve.explainer import ExplainerDeployment
 from serve.fusion import FusionDeployment
 from serve.ingress import Ingress
 from serve.preprocessor import PreprocessorDeployment
+from serve.runtime import checkpoint_branches
 
 log = logging.getLogger("ray.serve")
 
@@ -35,12 +36,12 @@ def build_app(args: AppArgs | dict) -> Application:
         name="Preprocessor", **deployment_options(s.preprocessor)
     ).bind(config)
     backbones = {
-        b.name: BackboneDeployment.options(
-            name=f"Backbone_{b.name}",
+        name: BackboneDeployment.options(
+            name=f"Backbone_{name}",
             user_config=s.batch.model_dump(),
             **deployment_options(s.backbone),
-        ).bind(b.name, config)
-        for b in cfg.model.backbones
+        ).bind(name, config)
+        for name in checkpoint_branches(cfg)
     }
     fusion = FusionDeployment.options(
         name="Fusion", user_config=cfg.fusion.model_dump(), **deployment_options(s.fusion)

@@ -21,7 +21,7 @@ class Fusion:
         cfg = config_from(config)
         ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
         self.card = ckpt.card
-        self.branches = [b.name for b in cfg.model.backbones]
+        self.branches = list(ckpt.model.branches)
         weights = ckpt.model.fusion_weights.tolist()
         self.fusion_weights = dict(zip(self.branches, weights, strict=True))
         self.calibrated_temperature = float(ckpt.model.temperature)

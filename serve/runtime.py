@@ -56,3 +56,11 @@ def enable_cudnn_autotune() -> None:
     and torch.backends.cudnn is not picklable.)
     """
     torch.backends.cudnn.benchmark = True
+
+
+def checkpoint_branches(cfg: OrthoVisionConfig) -> list[str]:
+    """Branch names of the checkpoint that will be served (its card, not the serving config:
+    a checkpoint may carry other backbones than today's defaults)."""
+    from orthovision.checkpoint import branch_names, read_card
+
+    return branch_names(read_card(checkpoint_path(cfg)))
