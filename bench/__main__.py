@@ -146,6 +146,7 @@ def run_naive(args, sets, tmp: Path, duration_s: float) -> dict:
             )
             server.memory.sample()
             row["peak_mem_mb"] = round(server.memory.peak_mb, 1)
+            row["pss_end_mb"] = server.memory.pss_now_mb()
             out[name] = row
             log(f"naive {name} c=8: {row}")
     finally:
@@ -172,6 +173,7 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
             server.memory.reset_peak()
             row = closed_loop(url, "/v1/predict", jpeg, c, duration_s, args.warmup_s, **probe)
             row["peak_mem_mb"] = round(server.memory.peak_mb, 1)
+            row["pss_end_mb"] = server.memory.pss_now_mb()
             out["predict"][str(c)] = row
             log(f"serve /v1/predict c={c}: {row}")
         per_request = min(cfg.serve.max_batch_items, args.batch_items)
@@ -185,12 +187,17 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
             args.warmup_s,
             **probe,
         )
-        row.update(images_per_request=per_request, peak_mem_mb=round(server.memory.peak_mb, 1))
+        row.update(
+            images_per_request=per_request,
+            peak_mem_mb=round(server.memory.peak_mb, 1),
+            pss_end_mb=server.memory.pss_now_mb(),
+        )
         out["batch"] = row
         log(f"serve /v1/predict/batch x{per_request} c={args.batch_concurrency}: {row}")
         server.memory.reset_peak()
         row = closed_loop(url, "/v1/predict", bodies(sets["fullsize"]), 8, duration_s, 2, **probe)
         row["peak_mem_mb"] = round(server.memory.peak_mb, 1)
+        row["pss_end_mb"] = server.memory.pss_now_mb()
         out["fullsize"]["8"] = row
         log(f"serve fullsize c=8: {row}")
         max_rate = max(r["img_per_s"] for r in out["predict"].values())
@@ -251,7 +258,11 @@ def main() -> None:
     for s in sets.values():
         log(f"images {s.name}: {len(s.samples)} ({s.source}), mean {s.mean_bytes} bytes")
 
-    branches = [b.name for b in cfg.model.backbones]
+    from orthovision.checkpoint import read_card
+    from serve.runtime import checkpoint_path
+
+    # The checkpoint's branches are what the replicas run (they follow the checkpoint).
+    branches = list(read_card(checkpoint_path(cfg))["architectures"])
     if args.gpu:
         batches = [8, 32, 64] if args.quick else [1, 8, 16, 32, 64, 128]
     else:
