@@ -187,10 +187,11 @@ class ServeConfig(_Strict):
     cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
-    # Admission control: the proxy answers 503 at once beyond ongoing + queued, so requests
-    # that are accepted keep their latency under load (size it: capacity x target latency).
+    # Admission control per ingress replica: image requests beyond this get a JSON 503 with
+    # Retry-After at once, so admitted ones keep their latency (size: capacity x latency).
+    admission_max_inflight: int = Field(10, ge=1)
     ingress: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.1, max_ongoing_requests=8, max_queued_requests=2
+        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=64
     )
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=4)
     backbone: DeploymentConfig = DeploymentConfig(

@@ -85,6 +85,7 @@ def preset(name: str) -> OrthoVisionConfig:
         return OrthoVisionConfig(
             serve=ServeConfig(
                 host="0.0.0.0",
+                admission_max_inflight=96,
                 # Off loopback, API keys are mandatory; they come from a Secret as env.
                 security={"auth": "api-key"},
                 device="cuda",

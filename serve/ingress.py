@@ -8,6 +8,7 @@ both Backbones -> Fusion), so the uint8 payload travels between the workers only
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -88,6 +89,15 @@ async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONRespons
     return error_response(exc.status_code, code, str(exc.detail))
 
 
+class Overloaded(Exception):
+    """This ingress replica is at its admission limit."""
+
+
+@api.exception_handler(Overloaded)
+async def _admission_full(_req: Request, _exc: Overloaded) -> JSONResponse:
+    return error_response(503, "overloaded", "the service is at capacity; retry later", 1)
+
+
 @api.exception_handler(BackPressureError)
 async def _overloaded(_req: Request, _exc: BackPressureError) -> JSONResponse:
     return error_response(503, "overloaded", "the service is at capacity; retry later", 2)
@@ -154,7 +164,22 @@ class Ingress:
         self.fusion, self.explainer = fusion, explainer
         self.store = open_store(self.cfg.serve.store_url)
         self.auth = Authenticator.from_config(self.cfg.serve)
+        self.inflight = 0
         self._explanations: set[asyncio.Task] = set()
+
+    @contextlib.asynccontextmanager
+    async def admitted(self):
+        """Admission control: at most serve.admission_max_inflight image requests per ingress
+        replica; beyond that a JSON 503 with Retry-After at once, so admitted requests keep
+        their latency and nothing queues without bound."""
+        if self.inflight >= self.cfg.serve.admission_max_inflight:
+            metrics().rejected.inc(tags={"reason": "overloaded"})
+            raise Overloaded()
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
 
     def guard(self, request: Request, scope: str) -> str:
         """Authenticate and rate-limit; the tenant id (a bounded label) or an AuthError."""
@@ -219,10 +244,11 @@ class Ingress:
     )
     async def predict(self, request: Request, explain: bool = False) -> Response:
         self.guard(request, "explain" if explain else "predict")
-        request_id = current_request_id()
-        data = await self._single_image(request)
-        result = await self._predict_bytes(data, request_id, explain)
-        return self._json(result)
+        async with self.admitted():
+            request_id = current_request_id()
+            data = await self._single_image(request)
+            result = await self._predict_bytes(data, request_id, explain)
+            return self._json(result)
 
     async def _single_image(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -264,30 +290,33 @@ class Ingress:
     )
     async def predict_batch(self, request: Request) -> Response:
         self.guard(request, "batch")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "multipart/form-data":
-            raise InputError("batch requests must be multipart/form-data with one file per part")
-        body = await read_body(
-            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
-        )
-        limit = self.cfg.serve.max_batch_items
-        parts = await self._parts(request, body, limit)
-        if not parts:
-            raise InputError("batch has no files")
-        ids = [uuid.uuid4().hex for _ in parts]
-        outcomes = await asyncio.gather(
-            *(
-                self._predict_bytes(data, rid, False)
-                for (_name, data), rid in zip(parts, ids, strict=True)
-            ),
-        )
-        items = []
-        for index, ((name, _), rid, out) in enumerate(zip(parts, ids, outcomes, strict=True)):
-            entry = {"index": index, "filename": name}
-            entry.update({"request_id": rid, "error": out["error"]} if "error" in out else out)
-            items.append(entry)
-        failed = sum("error" in i for i in items)
-        return JSONResponse({"count": len(items), "failed": failed, "items": items})
+        async with self.admitted():
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "multipart/form-data":
+                raise InputError(
+                    "batch requests must be multipart/form-data with one file per part"
+                )
+            body = await read_body(
+                request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
+            )
+            limit = self.cfg.serve.max_batch_items
+            parts = await self._parts(request, body, limit)
+            if not parts:
+                raise InputError("batch has no files")
+            ids = [uuid.uuid4().hex for _ in parts]
+            outcomes = await asyncio.gather(
+                *(
+                    self._predict_bytes(data, rid, False)
+                    for (_name, data), rid in zip(parts, ids, strict=True)
+                ),
+            )
+            items = []
+            for index, ((name, _), rid, out) in enumerate(zip(parts, ids, outcomes, strict=True)):
+                entry = {"index": index, "filename": name}
+                entry.update({"request_id": rid, "error": out["error"]} if "error" in out else out)
+                items.append(entry)
+            failed = sum("error" in i for i in items)
+            return JSONResponse({"count": len(items), "failed": failed, "items": items})
 
     @api.get(
         "/v1/explanations/{explanation_id}.png", responses={200: {"content": {"image/png": {}}}}
@@ -482,43 +511,46 @@ class Ingress:
         self.guard(request, "dicomweb")
         if explain:
             self.guard(request, "explain")
-        boundary = dw.related_boundary(request.headers.get("content-type", ""))
-        body = await read_body(
-            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
-        )
-        parts = dw.split_related(body, boundary, self.cfg.serve.max_batch_items)
-        if not parts:
-            raise InputError("STOW-RS request has no instances")
-        ids = [uuid.uuid4().hex for _ in parts]
+        async with self.admitted():
+            boundary = dw.related_boundary(request.headers.get("content-type", ""))
+            body = await read_body(
+                request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
+            )
+            parts = dw.split_related(body, boundary, self.cfg.serve.max_batch_items)
+            if not parts:
+                raise InputError("STOW-RS request has no instances")
+            ids = [uuid.uuid4().hex for _ in parts]
 
-        async def classify(part: dw.Part, rid: str) -> dict:
-            if part.content_type != "application/dicom":
-                err = UnsupportedFormat("STOW-RS parts must be application/dicom")
-                return {"error": err.to_dict(), "status": err.http_status}
-            return await self._predict_bytes(part.data, rid, explain)
+            async def classify(part: dw.Part, rid: str) -> dict:
+                if part.content_type != "application/dicom":
+                    err = UnsupportedFormat("STOW-RS parts must be application/dicom")
+                    return {"error": err.to_dict(), "status": err.http_status}
+                return await self._predict_bytes(part.data, rid, explain)
 
-        outcomes = await asyncio.gather(*(classify(p, r) for p, r in zip(parts, ids, strict=True)))
-        refs = await asyncio.to_thread(lambda: [dw.sop_reference(p.data) for p in parts])
-        stored, failed, results = [], [], []
-        for index, (rid, out, (sop_class, sop_uid)) in enumerate(
-            zip(ids, outcomes, refs, strict=True)
-        ):
-            entry = {"index": index, "request_id": rid, "sop_instance_uid": sop_uid}
-            if "error" in out:
-                reason = dw.OUT_OF_RESOURCES if out["status"] >= 500 else dw.CANNOT_UNDERSTAND
-                failed.append(dw.FailedInstance(sop_class, sop_uid, reason))
-                entry["error"] = out["error"]
-            else:
-                stored.append(dw.StoredInstance(sop_class, sop_uid))
-                entry.update(out)
-                entry["sr_url"] = f"/v1/predictions/{rid}/dicom/sr"
-            results.append(entry)
-        status = dw.stow_status(len(stored), len(failed))
-        response = dw.stow_response(stored, failed)
-        accept = request.headers.get("accept", "")
-        if dw.DICOM_JSON in accept and "application/json" not in accept:
-            return JSONResponse(response, status_code=status, media_type=dw.DICOM_JSON)
-        return JSONResponse({"stow": response, "results": results}, status_code=status)
+            outcomes = await asyncio.gather(
+                *(classify(p, r) for p, r in zip(parts, ids, strict=True))
+            )
+            refs = await asyncio.to_thread(lambda: [dw.sop_reference(p.data) for p in parts])
+            stored, failed, results = [], [], []
+            for index, (rid, out, (sop_class, sop_uid)) in enumerate(
+                zip(ids, outcomes, refs, strict=True)
+            ):
+                entry = {"index": index, "request_id": rid, "sop_instance_uid": sop_uid}
+                if "error" in out:
+                    reason = dw.OUT_OF_RESOURCES if out["status"] >= 500 else dw.CANNOT_UNDERSTAND
+                    failed.append(dw.FailedInstance(sop_class, sop_uid, reason))
+                    entry["error"] = out["error"]
+                else:
+                    stored.append(dw.StoredInstance(sop_class, sop_uid))
+                    entry.update(out)
+                    entry["sr_url"] = f"/v1/predictions/{rid}/dicom/sr"
+                results.append(entry)
+            status = dw.stow_status(len(stored), len(failed))
+            response = dw.stow_response(stored, failed)
+            accept = request.headers.get("accept", "")
+            if dw.DICOM_JSON in accept and "application/json" not in accept:
+                return JSONResponse(response, status_code=status, media_type=dw.DICOM_JSON)
+            return JSONResponse({"stow": response, "results": results}, status_code=status)
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
