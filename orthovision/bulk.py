@@ -30,7 +30,9 @@ from pathlib import Path
 
 import httpx
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+# A folder walk sends every file but sidecar text: the service, not the file name, decides
+# what is an image (a GIF in a back-log gets its 415 in the output like any other answer).
+SIDECAR_SUFFIXES = {".csv", ".txt", ".json", ".ndjson", ".md", ".yaml", ".yml", ".xml", ".html"}
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 FATAL_STATUSES = {401, 403}  # a wrong key fails every item alike: stop, do not write them
 
@@ -93,7 +95,9 @@ def discover(source: Path) -> list[Path]:
         return sorted(
             p
             for p in source.rglob("*")
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+            if p.is_file()
+            and not p.name.startswith(".")
+            and p.suffix.lower() not in SIDECAR_SUFFIXES
         )
     text = source.read_text()
     lines = text.splitlines()

@@ -222,19 +222,23 @@ def cmd_bulk(args: argparse.Namespace) -> int:
     from orthovision.bulk import RetryPolicy, discover, run_bulk
 
     paths = discover(args.source)
-    summary = asyncio.run(
-        run_bulk(
-            paths,
-            args.url,
-            args.api_key or os.environ.get("ORTHOVISION_API_KEY"),
-            args.out,
-            concurrency=args.concurrency,
-            policy=RetryPolicy(max_attempts=args.max_attempts),
-            timeout_s=args.timeout,
-            progress=not args.no_progress,
-            explain=args.explain,
+    try:
+        summary = asyncio.run(
+            run_bulk(
+                paths,
+                args.url,
+                args.api_key or os.environ.get("ORTHOVISION_API_KEY"),
+                args.out,
+                concurrency=args.concurrency,
+                policy=RetryPolicy(max_attempts=args.max_attempts),
+                timeout_s=args.timeout,
+                progress=not args.no_progress,
+                explain=args.explain,
+            )
         )
-    )
+    except KeyboardInterrupt:
+        _out(f"interrupted: finished items are in {args.out}; run again to resume", sys.stderr)
+        return 130
     for line in summary.lines():
         _out(line, sys.stderr)
     return summary.exit_code()
