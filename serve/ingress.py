@@ -112,8 +112,8 @@ SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9-]{8,64}")
 
 
 def current_request_id() -> str:
-    """A fresh id per request: a store key and URL segment. (Ray Serve's proxy id is not used:
-    concurrent requests were seen sharing one, which would mix their records.)"""
+    """A fresh id per request: a store key and URL segment. (Not Ray Serve's X-Request-ID: a
+    client may set that one, and ids must never collide across clients' records.)"""
     return uuid.uuid4().hex
 
 
