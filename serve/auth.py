@@ -129,10 +129,6 @@ class Authenticator:
         check_startup(serve_cfg, tenants)
         return cls(security, tenants)
 
-    @property
-    def tenant_ids(self) -> set[str]:
-        return {t.id for t in self._by_hash.values()}
-
     def authenticate(self, api_key: str | None, scope: str) -> str:
         """The tenant id for a key allowed `scope`; raises AuthError (401/403/429)."""
         if not self.enabled:

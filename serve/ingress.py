@@ -129,6 +129,11 @@ async def count_requests(request: Request, call_next):
     return response
 
 
+def media_type(request: Request) -> str:
+    """The Content-Type without parameters, lower-cased ('' when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
     """The body, refused as soon as it passes max_bytes (declared or streamed) or takes
     longer than timeout_s to arrive."""
@@ -251,7 +256,7 @@ class Ingress:
             return self._json(result)
 
     async def _single_image(self, request: Request) -> bytes:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        ctype = media_type(request)
         body = await read_body(
             request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
         )
@@ -291,7 +296,7 @@ class Ingress:
     async def predict_batch(self, request: Request) -> Response:
         self.guard(request, "batch")
         async with self.admitted():
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            ctype = media_type(request)
             if ctype != "multipart/form-data":
                 raise InputError(
                     "batch requests must be multipart/form-data with one file per part"

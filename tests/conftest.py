@@ -34,6 +34,14 @@ def gradient(height: int = 256, width: int = 320, dtype: type = np.uint8) -> np.
     return np.clip(v * top, 0, top).astype(dtype)
 
 
+def radiograph(seed: int = 0, h: int = 320, w: int = 256) -> np.ndarray:
+    """A synthetic radiograph-like image: dark background, a bright 'bone', noise."""
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w), 35.0)
+    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 175 + seed
+    return (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
+
+
 def colour_photo(height: int = 256, width: int = 320) -> np.ndarray:
     """Saturated RGB stripes: a colour photo, not a radiograph."""
     rgb = np.zeros((height, width, 3), np.uint8)

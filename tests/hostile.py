@@ -24,6 +24,7 @@ from conftest import (
     make_other_format,
     make_png,
     make_png_header_only,
+    radiograph,
 )
 from PIL import Image
 
@@ -34,13 +35,6 @@ class Case:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     multipart: bool = False  # send as multipart field `file` named like a PNG
-
-
-def radiograph(h: int = 300, w: int = 240) -> np.ndarray:
-    rng = np.random.default_rng(5)
-    img = np.full((h, w), 40.0)
-    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 180
-    return (img + rng.normal(0, 9, img.shape)).clip(0, 255).astype(np.uint8)
 
 
 def png_with_text_bomb(decompressed_mb: int = 64) -> bytes:

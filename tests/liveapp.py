@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
+from conftest import radiograph  # noqa: F401  (re-exported for the serve tests)
 
 KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
 
@@ -21,14 +21,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def radiograph(seed: int = 0, h: int = 320, w: int = 256) -> np.ndarray:
-    """A synthetic radiograph-like image: dark background, a bright 'bone', noise."""
-    rng = np.random.default_rng(seed)
-    img = np.full((h, w), 35.0)
-    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 175 + seed
-    return (img + rng.normal(0, 10, img.shape)).clip(0, 255).astype(np.uint8)
 
 
 def post_with_retry(client: httpx.Client, path: str, attempts: int = 8, **kw) -> httpx.Response:

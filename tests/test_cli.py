@@ -22,6 +22,7 @@ from conftest import (
     make_other_format,
     make_png,
     make_png_header_only,
+    radiograph,
     requires_shared,
 )
 
@@ -53,13 +54,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         trained=False,
     )
     return out
-
-
-def radiograph(h: int = 300, w: int = 240) -> np.ndarray:
-    rng = np.random.default_rng(1)
-    img = np.full((h, w), 40.0)
-    img[h // 6 : 5 * h // 6, w // 3 : 2 * w // 3] = 180
-    return (img + rng.normal(0, 9, img.shape)).clip(0, 255).astype(np.uint8)
 
 
 BAD_INPUTS = {
