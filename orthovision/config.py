@@ -126,6 +126,9 @@ class DeploymentConfig(_Strict):
     # Beyond this the router answers 503 at once: backpressure, not an unbounded queue.
     max_queued_requests: int = Field(64, ge=-1)
     resources: dict[str, float] = Field(default_factory=dict)
+    # Ray Serve's per-request access log line: kept at the ingress (one line per HTTP
+    # request), off inside the pipeline where it would cost CPU on every hop.
+    access_log: bool = False
 
     def model_post_init(self, _ctx: object) -> None:
         if self.max_replicas < self.min_replicas:
@@ -187,11 +190,14 @@ class ServeConfig(_Strict):
     cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
+    # Batches of single-image requests in flight per ingress replica (serve/gather.py):
+    # while all are busy, new requests queue and leave together (up to batch.max_batch_size).
+    ingress_batches: int = Field(2, ge=1)
     # Admission control per ingress replica: image requests beyond this get a JSON 503 with
     # Retry-After at once, so admitted ones keep their latency (size: capacity x latency).
     admission_max_inflight: int = Field(10, ge=1)
     ingress: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=64
+        num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=64, access_log=True
     )
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=4)
     backbone: DeploymentConfig = DeploymentConfig(

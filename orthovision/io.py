@@ -474,16 +474,17 @@ def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None
 
     pylibjpeg-openjpeg 2.6 exposes no resolution-reduction parameter, so this uses Pillow's
     JPEG 2000 plugin (same libopenjp2) with `reduce`, on the DICOM-internal codestream only
-    (never on client-sniffed bytes). Pillow refuses some valid streams (e.g. certain
-    lossy ones at reduce >= 2); those fall back to the full pydicom decode.
+    (never on client-sniffed bytes). Pillow refuses some valid streams at deep levels (e.g.
+    a lossy one at reduce >= 2 that it reads at reduce 1): shallower levels are tried, then
+    the full pydicom decode.
     """
     from openjpeg.utils import get_parameters
 
     rows, cols = int(ds.Rows), int(ds.Columns)
-    level = 0
-    while target > 0 and min(rows, cols) >> (level + 1) >= target and level < 5:
-        level += 1
-    if level == 0 or not frame.startswith(b"\xff\x4f\xff\x51"):
+    deepest = 0
+    while target > 0 and min(rows, cols) >> (deepest + 1) >= target and deepest < 5:
+        deepest += 1
+    if deepest == 0 or not frame.startswith(b"\xff\x4f\xff\x51"):
         return None
     try:
         params = get_parameters(frame)
@@ -493,14 +494,21 @@ def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None
         params["samples_per_pixel"] != 1
         or params["is_signed"]
         or (params["rows"], params["columns"]) != (rows, cols)
-        or not 1 <= int(params["precision"]) <= 16
+        # 16-bit streams: Pillow rejected the one we have at every level, full size included
+        # (pydicom's decoder reads it); trying would only add to the fallback's cost.
+        or not 1 <= int(params["precision"]) <= 15
     ):
         return None
-    try:
-        img = Image.open(io.BytesIO(frame), formats=["JPEG2000"])
-        img.reduce = level
-        img.load()
-    except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
+    # Pillow refuses some streams at deep levels but not at shallower ones: step up.
+    for level in range(deepest, 0, -1):
+        try:
+            img = Image.open(io.BytesIO(frame), formats=["JPEG2000"])
+            img.reduce = level
+            img.load()
+            break
+        except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):
+            continue
+    else:
         return None
     arr = np.asarray(img)
     precision = int(params["precision"])
@@ -508,6 +516,14 @@ def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None
         # Pillow scales samples up to 16 bits; undo it to get stored values.
         arr = arr >> (16 - precision)
     return arr, 1 << level
+
+
+# CharLS (pyjpegls) decodes JPEG-LS about 3x faster than pylibjpeg-libjpeg, which pydicom
+# would otherwise pick first; the output is the same (lossless, or the same near-lossless).
+_PREFERRED_DECODER = {
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS Near-Lossless
+}
 
 
 def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
@@ -578,7 +594,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
                 raw, factor = reduced
         if raw is None:
             # First frame only; the decoder plugins (pylibjpeg, numpy) mask unused high bits.
-            raw = pixel_array(ds, index=0)
+            raw = pixel_array(ds, index=0, decoding_plugin=_PREFERRED_DECODER.get(ts_uid, ""))
     # Decoder plugins raise many unrelated types on corrupt streams: map them all to a 422.
     except Exception:
         raise UndecodableImage("DICOM pixel data cannot be decoded") from None

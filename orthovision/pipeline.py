@@ -7,14 +7,15 @@ benchmark baseline run them in one process through LocalPredictor.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from orthovision.checkpoint import Checkpoint
 from orthovision.config import FusionConfig, OrthoVisionConfig
+from orthovision.errors import InputError
 from orthovision.fusion import decide, fuse_logits
 from orthovision.io import DecodedImage, decode_radiograph
 from orthovision.preprocess import Preprocessor
@@ -32,6 +33,42 @@ class Prepared:
     # DICOM source UIDs and patient/study attributes (DecodedImage.dicom_source): for DICOM
     # outputs only, never in the public result, repr or logs.
     dicom_source: dict[str, str] | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """The CPU stage's output for several images, as it travels between deployments.
+
+    One stacked uint8 array holds the valid images' pixels (what a backbone forwards as is);
+    `items` keeps every input's outcome in order: a Prepared whose pixels are a row of
+    `pixels`, or the InputError that rejected it (so a bad image never fails its batch).
+    """
+
+    pixels: np.ndarray  # (V, 1, S, S) uint8, V = number of valid items
+    items: tuple[Prepared | InputError, ...]
+
+    @classmethod
+    def of(cls, items: Sequence[Prepared | InputError]) -> PreparedBatch:
+        valid = [i.pixels for i in items if isinstance(i, Prepared)]
+        pixels = np.stack(valid) if valid else np.zeros((0, 1, 1, 1), np.uint8)
+        return cls(pixels, _link(items, pixels))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # On the wire the pixels travel once (the stacked array), not once more per item.
+    def __getstate__(self) -> dict:
+        items = tuple(replace(i, pixels=None) if isinstance(i, Prepared) else i for i in self.items)
+        return {"pixels": self.pixels, "items": items}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "pixels", state["pixels"])
+        object.__setattr__(self, "items", _link(state["items"], state["pixels"]))
+
+
+def _link(items: Sequence[Prepared | InputError], pixels: np.ndarray) -> tuple:
+    rows = iter(pixels)
+    return tuple(replace(i, pixels=next(rows)) if isinstance(i, Prepared) else i for i in items)
 
 
 def decode_for_model(data: bytes, cfg: OrthoVisionConfig) -> DecodedImage:

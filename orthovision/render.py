@@ -48,6 +48,7 @@ def deployment_options(d: DeploymentConfig) -> dict:
         "ray_actor_options": actor,
         "max_ongoing_requests": d.max_ongoing_requests,
         "max_queued_requests": d.max_queued_requests,
+        "logging_config": {"enable_access_log": d.access_log},
     }
     if d.autoscaled:
         opts["autoscaling_config"] = {
@@ -76,6 +77,9 @@ def preset(name: str) -> OrthoVisionConfig:
                 # until a slot frees: 16 doubled /v1/predict/batch images per CPU-second
                 # (3.3 -> 6.7, docs/PERFORMANCE.md) at an unchanged /v1/predict c=8.
                 preprocessor=base.preprocessor.model_copy(update={"max_ongoing_requests": 16}),
+                # One ingress gathers the images already (serve/gather.py): a backbone that
+                # waited for more calls would only idle the CPU that is the bottleneck.
+                batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.0},
             )
         )
     if name == "gpu":

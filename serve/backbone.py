@@ -11,8 +11,7 @@ import torch
 from ray import serve
 
 from orthovision.checkpoint import load_checkpoint
-from orthovision.errors import InputError
-from orthovision.pipeline import Prepared
+from orthovision.pipeline import PreparedBatch
 from orthovision.preprocess import to_model_input
 from serve.metrics import metrics
 from serve.runtime import (
@@ -67,7 +66,8 @@ class Backbone:
 
     def reconfigure(self, user_config: dict) -> None:
         """Batch knobs from user_config, applied without a restart."""
-        self.__call__.set_max_batch_size(int(user_config["max_batch_size"]))
+        self.max_batch_size = int(user_config["max_batch_size"])  # images per forward
+        self.__call__.set_max_batch_size(self.max_batch_size)
         self.__call__.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
     def _warm_up(self, batch_size: int) -> None:
@@ -100,23 +100,28 @@ class Backbone:
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def __call__(self, items: list[Prepared | InputError]) -> list[np.ndarray | InputError]:
-        """Logits for the valid items; a bad item passes through and fails alone."""
-        results: list[np.ndarray | InputError] = list(items)
-        valid = [i for i, item in enumerate(items) if isinstance(item, Prepared)]
-        if not valid:
-            return results
+    async def __call__(self, batches: list[PreparedBatch]) -> list[np.ndarray]:
+        """Logits (V, C) for each call's valid images, rows in order. Calls that arrive
+        together (from every ingress replica) share forwards of up to max_batch_size
+        images; a call's rejected items were left out by the Preprocessor."""
+        pixels = np.concatenate([b.pixels for b in batches])
+        if not len(pixels):
+            return [np.zeros((0, 0), np.float32) for _ in batches]
         started = time.perf_counter()
-        batch = np.stack([items[i].pixels for i in valid])
-        logits = await asyncio.to_thread(self._infer, batch)
-        for row, i in enumerate(valid):
-            results[i] = logits[row]
+        logits = await asyncio.to_thread(self._infer_chunked, pixels)
         m = metrics()
-        m.batch_size.observe(len(valid), tags={"backbone": self.branch})
+        m.batch_size.observe(len(pixels), tags={"backbone": self.branch})
         m.stage_latency.observe(
             time.perf_counter() - started, tags={"stage": f"backbone_{self.branch}"}
         )
-        return results
+        bounds = np.cumsum([len(b.pixels) for b in batches])[:-1]
+        return np.split(logits, bounds)
+
+    def _infer_chunked(self, pixels: np.ndarray) -> np.ndarray:
+        size = self.max_batch_size
+        return np.concatenate(
+            [self._infer(pixels[i : i + size]) for i in range(0, len(pixels), size)]
+        )
 
 
 # Bound outside the class body so Ray pickles the class by reference (importable),

@@ -14,7 +14,7 @@ from ray import serve
 
 from orthovision.checkpoint import load_checkpoint
 from orthovision.explain import explain, grey_png, heatmap_rgba_png, overlay_png
-from orthovision.pipeline import Prepared
+from orthovision.pipeline import Prepared, PreparedBatch
 from serve.clinical import layers_key
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_device
@@ -56,9 +56,15 @@ class Explainer:
         return summary, png, layers
 
     async def __call__(
-        self, explanation_id: str, prepared: Prepared, target_class: int | None = None
+        self,
+        explanation_id: str,
+        batch: PreparedBatch,
+        index: int,
+        target_class: int | None = None,
     ) -> str:
+        """Explain item `index` of a preprocessed batch (the one its prediction came from)."""
         started = time.perf_counter()
+        prepared = batch.items[index]
         await self.store.mark_attempt(explanation_id)
         summary, png, layers = await asyncio.to_thread(self._explain, prepared, target_class)
         # Layers first: once the state reads "done", everything it serves exists.

@@ -9,8 +9,7 @@ from ray import serve
 
 from orthovision.checkpoint import load_checkpoint
 from orthovision.config import FusionConfig
-from orthovision.errors import InputError
-from orthovision.pipeline import Prepared, assemble_prediction
+from orthovision.pipeline import Prepared, PreparedBatch, assemble_prediction
 from orthovision.schema import PRIVATE_KEY
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from
@@ -34,14 +33,23 @@ class Fusion:
         self.temperature = self.fusion_cfg.temperature or self.calibrated_temperature
 
     async def __call__(
-        self, request_id: str, prepared: Prepared | InputError, *branch_logits: np.ndarray
-    ) -> dict:
-        if isinstance(prepared, InputError):
-            return {"error": prepared.to_dict(), "status": prepared.http_status}
+        self, request_ids: list[str], prepared: PreparedBatch, *branch_logits: np.ndarray
+    ) -> list[dict]:
+        """One result per item, in order: the v1 prediction, or the item's input error."""
+        results, row = [], 0
+        for rid, item in zip(request_ids, prepared.items, strict=True):
+            if isinstance(item, Prepared):
+                results.append(self._result(rid, item, [lg[row] for lg in branch_logits]))
+                row += 1
+            else:
+                results.append({"error": item.to_dict(), "status": item.http_status})
+        return results
+
+    def _result(self, request_id: str, prepared: Prepared, logits: list[np.ndarray]) -> dict:
         prediction = assemble_prediction(
             request_id,
             prepared,
-            dict(zip(self.branches, branch_logits, strict=True)),
+            dict(zip(self.branches, logits, strict=True)),
             self.fusion_weights,
             self.temperature,
             self.card,

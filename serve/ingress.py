@@ -4,7 +4,9 @@ No `from __future__ import annotations` here: FastAPI must resolve the route ann
 (Request) at runtime inside a replica that unpickles this class by value.
 
 The ingress never touches pixels: it chains DeploymentResponses (bytes -> Preprocessor ->
-both Backbones -> Fusion), so the uint8 payload travels between the workers only.
+both Backbones -> Fusion), so the uint8 payload travels between the workers only. Images
+travel in batches (a batch request's items, or the single-image requests that queued while
+the pipeline was busy, serve/gather.py): every hop is paid once per batch.
 """
 
 import asyncio
@@ -13,6 +15,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -28,6 +32,7 @@ from orthovision.errors import BodyTimeout, InputError, InputTooLarge, Unsupport
 from orthovision.schema import PRIVATE_KEY, ErrorResponse, Prediction
 from serve import clinical
 from serve.auth import Authenticator, AuthError
+from serve.gather import Gatherer
 from serve.metrics import metrics
 from serve.runtime import config_from
 from serve.store import StoreUnavailable, open_store
@@ -87,6 +92,15 @@ async def _validation_error(_req: Request, exc: RequestValidationError) -> JSONR
 async def _http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to classify, under the request id its result is stored and answered with."""
+
+    data: bytes
+    request_id: str
+    explain: bool = False
 
 
 class Overloaded(Exception):
@@ -171,6 +185,14 @@ class Ingress:
         self.auth = Authenticator.from_config(self.cfg.serve)
         self.inflight = 0
         self._explanations: set[asyncio.Task] = set()
+        # Single-image requests that wait together share one trip through the pipeline: a
+        # Ray call costs more CPU than preprocessing a small JPEG, so hops are paid per batch.
+        self.gatherer = Gatherer(
+            self._classify,
+            self.cfg.serve.batch.max_batch_size,
+            self.cfg.serve.ingress_batches,
+            isolate=(RayError,),
+        )
 
     @contextlib.asynccontextmanager
     async def admitted(self):
@@ -191,39 +213,53 @@ class Ingress:
         request.state.tenant = self.auth.authenticate(request.headers.get(self.auth.header), scope)
         return request.state.tenant
 
-    # ---- the road of one image -------------------------------------------------------
-    async def _predict_bytes(self, data: bytes, request_id: str, want_explanation: bool) -> dict:
-        started = time.perf_counter()
-        prepared = self.preprocessor.remote(data)
-        logits = [handle.remote(prepared) for handle in self.backbones.values()]
-        result = await self.fusion.remote(request_id, prepared, *logits)
-        metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
-        if "error" in result:
-            return result
-        hidden = result.pop(PRIVATE_KEY, None)  # stored, never answered (DICOM source)
-        if want_explanation:
-            await self.store.create_explanation(request_id, request_id)
-            result["explanation_url"] = f"/v1/explanations/{request_id}"
-            self._queue_explanation(request_id, prepared, result)
-        record = {**result, PRIVATE_KEY: hidden} if hidden else result
-        await self.store.put_record(request_id, record, ttl_s=self.cfg.serve.record_ttl_s)
-        return result
+    # ---- the road of images ----------------------------------------------------------
+    async def _classify(self, jobs: Sequence[Job]) -> list[dict]:
+        """One result per job, in order (an item's input error is its result). Chunks of
+        batch.max_batch_size images run concurrently: one is preprocessed while another is
+        in the backbones."""
+        size = self.cfg.serve.batch.max_batch_size
+        chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+        outs = await asyncio.gather(*(self._classify_chunk(chunk) for chunk in chunks))
+        return [result for out in outs for result in out]
 
-    def _queue_explanation(self, explanation_id: str, prepared, result: dict) -> None:
+    async def _classify_chunk(self, jobs: Sequence[Job]) -> list[dict]:
+        started = time.perf_counter()
+        prepared = self.preprocessor.remote([job.data for job in jobs])
+        logits = [handle.remote(prepared) for handle in self.backbones.values()]
+        results = await self.fusion.remote([job.request_id for job in jobs], prepared, *logits)
+        metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
+        records = []
+        for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
+            if "error" in result:
+                continue
+            hidden = result.pop(PRIVATE_KEY, None)  # stored, never answered (DICOM source)
+            if job.explain:
+                await self.store.create_explanation(job.request_id, job.request_id)
+                result["explanation_url"] = f"/v1/explanations/{job.request_id}"
+                self._queue_explanation(job.request_id, prepared, index, result)
+            records.append((job.request_id, {**result, PRIVATE_KEY: hidden} if hidden else result))
+        if records:
+            await self.store.put_records(records, ttl_s=self.cfg.serve.record_ttl_s)
+        return results
+
+    def _queue_explanation(self, explanation_id: str, prepared, index: int, result: dict) -> None:
         top = max(result["probabilities"], key=result["probabilities"].get)
         target = list(result["probabilities"]).index(top)
-        task = asyncio.create_task(self._run_explanation(explanation_id, prepared, target))
+        task = asyncio.create_task(self._run_explanation(explanation_id, prepared, index, target))
         self._explanations.add(task)
         task.add_done_callback(self._explanations.discard)
 
-    async def _run_explanation(self, explanation_id: str, prepared, target: int) -> None:
+    async def _run_explanation(
+        self, explanation_id: str, prepared, index: int, target: int
+    ) -> None:
         """Await the Explainer so a crash or timeout is recorded: never pending forever."""
         m = metrics()
         m.explanation_queue.set(len(self._explanations))
         for attempt in (1, 2):  # one retry covers an Explainer replica that died mid-way
             try:
                 await asyncio.wait_for(
-                    self.explainer.remote(explanation_id, prepared, target),
+                    self.explainer.remote(explanation_id, prepared, index, target),
                     self.cfg.serve.explanation_timeout_s,
                 )
                 break
@@ -250,9 +286,8 @@ class Ingress:
     async def predict(self, request: Request, explain: bool = False) -> Response:
         self.guard(request, "explain" if explain else "predict")
         async with self.admitted():
-            request_id = current_request_id()
             data = await self._single_image(request)
-            result = await self._predict_bytes(data, request_id, explain)
+            result = await self.gatherer.submit(Job(data, current_request_id(), explain))
             return self._json(result)
 
     async def _single_image(self, request: Request) -> bytes:
@@ -308,15 +343,11 @@ class Ingress:
             parts = await self._parts(request, body, limit)
             if not parts:
                 raise InputError("batch has no files")
-            ids = [uuid.uuid4().hex for _ in parts]
-            outcomes = await asyncio.gather(
-                *(
-                    self._predict_bytes(data, rid, False)
-                    for (_name, data), rid in zip(parts, ids, strict=True)
-                ),
-            )
+            jobs = [Job(data, current_request_id()) for _name, data in parts]
+            outcomes = await self._classify(jobs)
             items = []
-            for index, ((name, _), rid, out) in enumerate(zip(parts, ids, outcomes, strict=True)):
+            for index, ((name, _), job, out) in enumerate(zip(parts, jobs, outcomes, strict=True)):
+                rid = job.request_id
                 entry = {"index": index, "filename": name}
                 entry.update({"request_id": rid, "error": out["error"]} if "error" in out else out)
                 items.append(entry)
@@ -524,17 +555,15 @@ class Ingress:
             parts = dw.split_related(body, boundary, self.cfg.serve.max_batch_items)
             if not parts:
                 raise InputError("STOW-RS request has no instances")
-            ids = [uuid.uuid4().hex for _ in parts]
-
-            async def classify(part: dw.Part, rid: str) -> dict:
-                if part.content_type != "application/dicom":
-                    err = UnsupportedFormat("STOW-RS parts must be application/dicom")
-                    return {"error": err.to_dict(), "status": err.http_status}
-                return await self._predict_bytes(part.data, rid, explain)
-
-            outcomes = await asyncio.gather(
-                *(classify(p, r) for p, r in zip(parts, ids, strict=True))
+            ids = [current_request_id() for _ in parts]
+            dicom = [i for i, p in enumerate(parts) if p.content_type == "application/dicom"]
+            classified = await self._classify([Job(parts[i].data, ids[i], explain) for i in dicom])
+            not_dicom = UnsupportedFormat("STOW-RS parts must be application/dicom")
+            outcomes = [{"error": not_dicom.to_dict(), "status": not_dicom.http_status}] * len(
+                parts
             )
+            for i, out in zip(dicom, classified, strict=True):
+                outcomes[i] = out
             refs = await asyncio.to_thread(lambda: [dw.sop_reference(p.data) for p in parts])
             stored, failed, results = [], [], []
             for index, (rid, out, (sop_class, sop_uid)) in enumerate(

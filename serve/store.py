@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +79,15 @@ class ResultStore(ABC):
     * Unreachable backend: ``StoreUnavailable`` (``ping`` returns ``False`` instead).
     """
 
-    @abstractmethod
     async def put_record(self, request_id: str, record: dict, ttl_s: int | None = None) -> None:
         """Store the per-request JSON record (the prediction result)."""
+        await self.put_records([(request_id, record)], ttl_s)
+
+    @abstractmethod
+    async def put_records(
+        self, records: Sequence[tuple[str, dict]], ttl_s: int | None = None
+    ) -> None:
+        """Store several records in one round trip (one transaction or pipeline)."""
 
     @abstractmethod
     async def get_record(self, request_id: str) -> dict | None:
@@ -227,17 +233,20 @@ class SQLiteStore(ResultStore):
     def _expl_expiry(self, now: float) -> float | None:
         return None if self._explanation_ttl_s is None else now + self._explanation_ttl_s
 
-    async def put_record(self, request_id: str, record: dict, ttl_s: int | None = None) -> None:
+    async def put_records(
+        self, records: Sequence[tuple[str, dict]], ttl_s: int | None = None
+    ) -> None:
         _check_ttl(ttl_s)
-        body = _dumps(record)
+        bodies = [(request_id, _dumps(record)) for request_id, record in records]
 
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
             expires = None if ttl_s is None else now + ttl_s
-            conn.execute(
-                "INSERT OR REPLACE INTO records (id, body, expires_at) VALUES (?, ?, ?)",
-                (request_id, body, expires),
-            )
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT OR REPLACE INTO records (id, body, expires_at) VALUES (?, ?, ?)",
+                    [(request_id, body, expires) for request_id, body in bodies],
+                )
             self._maybe_purge(conn, now)
 
         await self._run(op)
@@ -255,25 +264,20 @@ class SQLiteStore(ResultStore):
     async def create_explanation(self, explanation_id: str, request_id: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             now = time.time()
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                # An expired row with the same id must not block the new one.
-                conn.execute(
-                    "DELETE FROM explanations WHERE id = ? AND expires_at <= ?",
-                    (explanation_id, now),
-                )
-                conn.execute(
-                    "INSERT INTO explanations (id, request_id, state, created_at, updated_at,"
-                    " attempts, expires_at) VALUES (?, ?, 'pending', ?, ?, 0, ?)",
-                    (explanation_id, request_id, now, now, self._expl_expiry(now)),
-                )
+                with _transaction(conn):
+                    # An expired row with the same id must not block the new one.
+                    conn.execute(
+                        "DELETE FROM explanations WHERE id = ? AND expires_at <= ?",
+                        (explanation_id, now),
+                    )
+                    conn.execute(
+                        "INSERT INTO explanations (id, request_id, state, created_at,"
+                        " updated_at, attempts, expires_at) VALUES (?, ?, 'pending', ?, ?, 0, ?)",
+                        (explanation_id, request_id, now, now, self._expl_expiry(now)),
+                    )
             except sqlite3.IntegrityError:
-                conn.execute("ROLLBACK")
                 raise ValueError("explanation id already exists") from None
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
             self._maybe_purge(conn, now)
 
         await self._run(op)
@@ -386,6 +390,18 @@ class SQLiteStore(ResultStore):
         await asyncio.to_thread(op)
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT on an autocommit connection; ROLLBACK on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def _exists(conn: sqlite3.Connection, explanation_id: str, now: float) -> bool:
     row = conn.execute(
         f"SELECT 1 FROM explanations WHERE id = ? AND {_LIVE}", (explanation_id, now)
@@ -494,11 +510,15 @@ class RedisStore(ResultStore):
             # but keep the message uniform for the 503 body.
             raise StoreUnavailable(f"redis: {type(e).__name__}") from e
 
-    async def put_record(self, request_id: str, record: dict, ttl_s: int | None = None) -> None:
+    async def put_records(
+        self, records: Sequence[tuple[str, dict]], ttl_s: int | None = None
+    ) -> None:
         _check_ttl(ttl_s)
-        body = _dumps(record)
         with self._guard():
-            await self._r.set(self._rec(request_id), body, ex=ttl_s)
+            async with self._r.pipeline(transaction=False) as pipe:
+                for request_id, record in records:
+                    pipe.set(self._rec(request_id), _dumps(record), ex=ttl_s)
+                await pipe.execute()
 
     async def get_record(self, request_id: str) -> dict | None:
         with self._guard():

@@ -373,6 +373,28 @@ def test_real_j2k_reduced_matches_full_decode() -> None:
 
 
 @requires_shared
+def test_real_j2k_lossy_reduced_where_pillow_allows_a_shallower_level() -> None:
+    from orthovision.io import _j2k_reduced
+
+    # Pillow refuses this stream at reduce 2-3 but reads it at reduce 1: a half-size decode
+    # (then an area downscale), not the full-size fallback (2.5x the time).
+    ds = pydicom.dcmread(DICOM_DIR / "RG1_J2KI.dcm")
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    pixels, factor = _j2k_reduced(frame, ds, 224)
+    assert factor == 2 and pixels.shape == (978, 921)
+    assert decode_radiograph((DICOM_DIR / "RG1_J2KI.dcm").read_bytes()).reduced_factor == 8
+
+
+@requires_shared
+def test_real_jpeg_ls_charls_equals_libjpeg() -> None:
+    from pydicom.pixels import pixel_array
+
+    ds = pydicom.dcmread(DICOM_DIR / "RG2_JLSL.dcm")
+    fast = pixel_array(ds, index=0, decoding_plugin="pyjpegls")
+    assert np.array_equal(fast, pixel_array(ds, index=0, decoding_plugin="pylibjpeg"))
+
+
+@requires_shared
 def test_real_monochrome1_against_monochrome2() -> None:
     mono2 = (DICOM_DIR / "RG2_JPLL.dcm").read_bytes()
     mono1 = set_photometric(mono2, "MONOCHROME1")

@@ -9,7 +9,8 @@ import pytest
 from conftest import SHARED, gradient, make_dicom, make_jpeg, make_png, requires_shared
 
 from orthovision.config import OrthoVisionConfig
-from orthovision.pipeline import model_pixels, prepare
+from orthovision.errors import UnsupportedFormat
+from orthovision.pipeline import PreparedBatch, model_pixels, prepare
 from orthovision.preprocess import Preprocessor
 from orthovision.render import load_serve_file, preset, render_text, serve_config
 
@@ -44,6 +45,31 @@ def test_byte_identical_on_a_real_radiograph():
     data = path.read_bytes()
     pre = Preprocessor(CFG.preprocess)
     assert model_pixels(data, CFG, pre).tobytes() == prepare(data, CFG, pre).pixels.tobytes()
+
+
+def test_prepared_batch_ships_pixels_once_and_keeps_every_outcome_in_order():
+    import pickle
+
+    pre = Preprocessor(CFG.preprocess)
+    good = [prepare(make_png(textured(300, 260 + 10 * i)), CFG, pre) for i in range(3)]
+    bad = UnsupportedFormat("not an image")
+    batch = PreparedBatch.of([good[0], bad, good[1], good[2]])
+    assert batch.pixels.shape == (3, 1, 224, 224)
+    wire = pickle.dumps(batch, protocol=5)
+    assert len(wire) < batch.pixels.nbytes * 1.1  # not once more per item
+    back = pickle.loads(wire)
+    assert [type(i).__name__ for i in back.items] == [
+        "Prepared",
+        "UnsupportedFormat",
+        "Prepared",
+        "Prepared",
+    ]
+    assert back.items[1].message == "not an image" and back.items[1].http_status == 415
+    for original, item in zip(good, (back.items[0], back.items[2], back.items[3]), strict=True):
+        assert item.pixels.tobytes() == original.pixels.tobytes()
+        assert item.quality == original.quality and item.input_info == original.input_info
+    empty = pickle.loads(pickle.dumps(PreparedBatch.of([bad])))
+    assert len(empty.pixels) == 0 and len(empty) == 1
 
 
 @pytest.mark.parametrize("name", ["local", "gpu"])

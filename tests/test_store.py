@@ -161,6 +161,18 @@ def test_record_round_trip(make_store: Factory) -> None:
     run(make_store, scenario)
 
 
+def test_put_records_writes_all_or_nothing(make_store: Factory) -> None:
+    async def scenario(store: ResultStore) -> None:
+        await store.put_records([(f"b{i}", {"i": i}) for i in range(5)], ttl_s=60)
+        assert [await store.get_record(f"b{i}") for i in range(5)] == [{"i": i} for i in range(5)]
+        with pytest.raises(ValueError):  # one unserialisable record: none of the batch lands
+            await store.put_records([("c1", {"i": 1}), ("c2", {"p": float("nan")})])
+        assert await store.get_record("c1") is None
+        await store.put_records([])  # nothing to write is not an error
+
+    run(make_store, scenario)
+
+
 def test_ttl_expiry(make_store: Factory) -> None:
     async def scenario(store: ResultStore) -> None:
         await store.put_record("short", {"a": 1}, ttl_s=1)
