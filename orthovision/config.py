@@ -190,6 +190,9 @@ class ServeConfig(_Strict):
     cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
+    # Nice level of CPU model replicas (backbones; the explainer gets twice it): the request
+    # path preempts long forwards. 0 = same priority as everything else.
+    cpu_model_niceness: int = Field(5, ge=0, le=9)
     # Batches of single-image requests in flight per ingress replica (serve/gather.py):
     # while all are busy, new requests queue and leave together (up to batch.max_batch_size).
     ingress_batches: int = Field(2, ge=1)

@@ -48,9 +48,11 @@ class PreparedBatch:
     items: tuple[Prepared | InputError, ...]
 
     @classmethod
-    def of(cls, items: Sequence[Prepared | InputError]) -> PreparedBatch:
+    def of(cls, items: Sequence[Prepared | InputError], image_size: int) -> PreparedBatch:
+        """`image_size` shapes the array even when no item is valid, so that batches from
+        several calls always concatenate."""
         valid = [i.pixels for i in items if isinstance(i, Prepared)]
-        pixels = np.stack(valid) if valid else np.zeros((0, 1, 1, 1), np.uint8)
+        pixels = np.stack(valid) if valid else np.zeros((0, 1, image_size, image_size), np.uint8)
         return cls(pixels, _link(items, pixels))
 
     def __len__(self) -> int:

@@ -20,6 +20,7 @@ from serve.runtime import (
     enable_cudnn_autotune,
     limit_cpu_threads,
     pick_device,
+    yield_cpu_to_requests,
 )
 
 log = logging.getLogger("ray.serve")
@@ -33,6 +34,7 @@ class Backbone:
         threads = 1
         if self.device.type == "cpu":
             threads = limit_cpu_threads(cfg.serve.backbone.num_cpus)
+            yield_cpu_to_requests(cfg.serve.cpu_model_niceness)
         else:
             enable_cudnn_autotune()
         ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)

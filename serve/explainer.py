@@ -17,7 +17,13 @@ from orthovision.explain import explain, grey_png, heatmap_rgba_png, overlay_png
 from orthovision.pipeline import Prepared, PreparedBatch
 from serve.clinical import layers_key
 from serve.metrics import metrics
-from serve.runtime import checkpoint_path, config_from, limit_cpu_threads, pick_device
+from serve.runtime import (
+    checkpoint_path,
+    config_from,
+    limit_cpu_threads,
+    pick_device,
+    yield_cpu_to_requests,
+)
 from serve.store import open_store
 
 
@@ -27,6 +33,8 @@ class Explainer:
         self.device = pick_device(self.cfg.serve.device)
         if self.device.type == "cpu":
             limit_cpu_threads(self.cfg.serve.explainer.num_cpus)
+            # Explanations are background work: below the backbones as well.
+            yield_cpu_to_requests(2 * self.cfg.serve.cpu_model_niceness)
         ckpt = load_checkpoint(checkpoint_path(self.cfg), expected_preprocess=self.cfg.preprocess)
         # float32 even on CUDA: gradients of half-precision CAMs are too coarse.
         self.model = ckpt.model.to(self.device).eval()

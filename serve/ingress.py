@@ -27,6 +27,7 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orthovision.errors import BodyTimeout, InputError, InputTooLarge, UnsupportedFormat
 from orthovision.schema import PRIVATE_KEY, ErrorResponse, Prediction
@@ -131,16 +132,36 @@ def current_request_id() -> str:
     return uuid.uuid4().hex
 
 
-@api.middleware("http")
-async def count_requests(request: Request, call_next):
-    """orthovision_requests_total by tenant, route template and status (bounded labels)."""
-    response = await call_next(request)
-    route = getattr(request.scope.get("route"), "path", "unmatched")
-    tenant = getattr(request.state, "tenant", "anonymous")
-    metrics().requests.inc(
-        tags={"tenant": tenant, "route": route, "status": str(response.status_code)}
-    )
-    return response
+class CountRequests:
+    """orthovision_requests_total by tenant, route template and status (bounded labels).
+
+    Plain ASGI: Starlette's BaseHTTPMiddleware costs a task group and two streams per
+    request, which shows at this service's request rates."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts: an exception escaped every handler
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            tenant = scope.get("state", {}).get("tenant", "anonymous")
+            metrics().requests.inc(tags={"tenant": tenant, "route": route, "status": str(status)})
+
+
+api.add_middleware(CountRequests)
 
 
 def media_type(request: Request) -> str:

@@ -33,7 +33,8 @@ class Preprocessor:
         return batch
 
     def _prepare_all(self, images: list[bytes]) -> PreparedBatch:
-        return PreparedBatch.of([self._prepare_one(data) for data in images])
+        items = [self._prepare_one(data) for data in images]
+        return PreparedBatch.of(items, self.cfg.preprocess.image_size)
 
     def _prepare_one(self, data: bytes) -> Prepared | InputError:
         try:

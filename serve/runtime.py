@@ -49,6 +49,24 @@ def limit_cpu_threads(num_cpus: float) -> int:
     return threads
 
 
+def yield_cpu_to_requests(niceness: int) -> None:
+    """Lower this process's CPU priority (a CPU model replica): on a shared machine the short
+    steps of the request path (proxy, ingress, preprocessing) then preempt long forwards
+    instead of queueing behind them; the model still gets every cycle nobody else wants.
+
+    Linux keeps a nice value per thread and a new thread inherits its creator's: every
+    thread that exists now is lowered (Ray starts workers at nice 15; 19 is the floor)."""
+    if niceness <= 0:
+        return
+    tasks = Path("/proc/self/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + niceness))
+        except OSError:  # the thread ended meanwhile
+            continue
+
+
 def enable_cudnn_autotune() -> None:
     """Fixed 224x224 inputs: let cuDNN pick the fastest kernels once, at warm-up.
 

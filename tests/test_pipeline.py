@@ -53,7 +53,7 @@ def test_prepared_batch_ships_pixels_once_and_keeps_every_outcome_in_order():
     pre = Preprocessor(CFG.preprocess)
     good = [prepare(make_png(textured(300, 260 + 10 * i)), CFG, pre) for i in range(3)]
     bad = UnsupportedFormat("not an image")
-    batch = PreparedBatch.of([good[0], bad, good[1], good[2]])
+    batch = PreparedBatch.of([good[0], bad, good[1], good[2]], 224)
     assert batch.pixels.shape == (3, 1, 224, 224)
     wire = pickle.dumps(batch, protocol=5)
     assert len(wire) < batch.pixels.nbytes * 1.1  # not once more per item
@@ -68,8 +68,11 @@ def test_prepared_batch_ships_pixels_once_and_keeps_every_outcome_in_order():
     for original, item in zip(good, (back.items[0], back.items[2], back.items[3]), strict=True):
         assert item.pixels.tobytes() == original.pixels.tobytes()
         assert item.quality == original.quality and item.input_info == original.input_info
-    empty = pickle.loads(pickle.dumps(PreparedBatch.of([bad])))
+    # A call whose every item was rejected still concatenates with the others' pixels
+    # (a backbone merges calls): the regression that once answered 500.
+    empty = pickle.loads(pickle.dumps(PreparedBatch.of([bad], 224)))
     assert len(empty.pixels) == 0 and len(empty) == 1
+    assert np.concatenate([empty.pixels, back.pixels]).shape == (3, 1, 224, 224)
 
 
 @pytest.mark.parametrize("name", ["local", "gpu"])

@@ -164,6 +164,7 @@ def test_custom_metrics_exported_with_batches_over_one(app):
             metric_sum(text, "ray_orthovision_predictions_total") >= 32
             and metric_sum(text, "ray_orthovision_rejected_inputs_total") >= 1
             and metric_sum(text, "ray_orthovision_backbone_batch_size_count") > 0
+            and metric_sum(text, "ray_orthovision_requests_total", status="200") >= 32
         ):
             break
         time.sleep(2)
@@ -172,6 +173,9 @@ def test_custom_metrics_exported_with_batches_over_one(app):
     total = metric_sum(text, "ray_orthovision_backbone_batch_size_sum", backbone="resnet18")
     assert count > 0 and total / count > 1.0, "no dynamic batching under concurrent load"
     assert metric_sum(text, "ray_orthovision_rejected_inputs_total") >= 1
+    # Labelled by route template and status (the middleware sees the final status).
+    ok = metric_sum(text, "ray_orthovision_requests_total", route="/v1/predict", status="200")
+    assert ok >= 32
     assert "PatientName" not in text and "Leaky" not in text
 
 
@@ -189,3 +193,21 @@ def test_auth_401_403_429(app):
     limited = c.get("/v1/model", headers=viewer)
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
     assert c.get("/healthz", headers={}).status_code == 200  # probes need no key
+
+
+def test_cpu_model_replicas_yield_to_the_request_path(app):
+    import psutil
+
+    def niceness(role: str) -> set[int]:
+        found = set()
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if f"ServeReplica:{app['cfg'].serve.app_name}:{role}" in cmd:
+                found.add(p.nice())
+        return found
+
+    (ingress,) = niceness("Ingress")  # Ray starts its workers at nice 15
+    step = app["cfg"].serve.cpu_model_niceness
+    assert step > 0 and ingress < 19
+    assert niceness("Backbone_") == {min(19, ingress + step)}  # both backbones
+    assert niceness("Explainer") == {min(19, ingress + 2 * step)}
