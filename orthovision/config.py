@@ -190,8 +190,8 @@ class ServeConfig(_Strict):
     cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
     batch: BatchConfig = BatchConfig()
-    # Nice level of CPU model replicas (backbones; the explainer gets twice it): the request
-    # path preempts long forwards. 0 = same priority as everything else.
+    # How much lower the forward thread of a CPU model replica runs (nice +N; the explainer
+    # +2N; 19 is the floor): the request path preempts long forwards. 0 = no change.
     cpu_model_niceness: int = Field(5, ge=0, le=9)
     # Batches of single-image requests in flight per ingress replica (serve/gather.py):
     # while all are busy, new requests queue and leave together (up to batch.max_batch_size).

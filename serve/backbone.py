@@ -18,9 +18,9 @@ from serve.runtime import (
     checkpoint_path,
     config_from,
     enable_cudnn_autotune,
+    forward_thread,
     limit_cpu_threads,
     pick_device,
-    yield_cpu_to_requests,
 )
 
 log = logging.getLogger("ray.serve")
@@ -32,9 +32,11 @@ class Backbone:
         self.branch = branch
         self.device = pick_device(cfg.serve.device)
         threads = 1
+        niceness = 0
         if self.device.type == "cpu":
             threads = limit_cpu_threads(cfg.serve.backbone.num_cpus)
-            yield_cpu_to_requests(cfg.serve.cpu_model_niceness)
+            niceness = cfg.serve.cpu_model_niceness
+
         else:
             enable_cudnn_autotune()
         ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
@@ -62,8 +64,9 @@ class Backbone:
             model = ckpt.model.branches[branch].to(self.device, self.dtype)
             self.model = model.to(memory_format=torch.channels_last).eval()
         del ckpt  # the other branch and the fusion weights are not this replica's
+        self.forwards = forward_thread(niceness, f"forward-{branch}")
         self.reconfigure(cfg.serve.batch.model_dump())
-        self._warm_up(cfg.serve.batch.max_batch_size)
+        self.forwards.submit(self._warm_up, cfg.serve.batch.max_batch_size).result()
         self.ready_since = time.time()
 
     def reconfigure(self, user_config: dict) -> None:
@@ -110,7 +113,8 @@ class Backbone:
         if not len(pixels):
             return [np.zeros((0, 0), np.float32) for _ in batches]
         started = time.perf_counter()
-        logits = await asyncio.to_thread(self._infer_chunked, pixels)
+        loop = asyncio.get_running_loop()
+        logits = await loop.run_in_executor(self.forwards, self._infer_chunked, pixels)
         m = metrics()
         m.batch_size.observe(len(pixels), tags={"backbone": self.branch})
         m.stage_latency.observe(

@@ -20,9 +20,9 @@ from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
     config_from,
+    forward_thread,
     limit_cpu_threads,
     pick_device,
-    yield_cpu_to_requests,
 )
 from serve.store import open_store
 
@@ -31,10 +31,13 @@ class Explainer:
     def __init__(self, config: dict) -> None:
         self.cfg = config_from(config)
         self.device = pick_device(self.cfg.serve.device)
+        niceness = 0
         if self.device.type == "cpu":
             limit_cpu_threads(self.cfg.serve.explainer.num_cpus)
             # Explanations are background work: below the backbones as well.
-            yield_cpu_to_requests(2 * self.cfg.serve.cpu_model_niceness)
+            niceness = 2 * self.cfg.serve.cpu_model_niceness
+        self.work = forward_thread(niceness, "explain")
+        self.work.submit(int).result()  # start the thread (and lower it) before any request
         ckpt = load_checkpoint(checkpoint_path(self.cfg), expected_preprocess=self.cfg.preprocess)
         # float32 even on CUDA: gradients of half-precision CAMs are too coarse.
         self.model = ckpt.model.to(self.device).eval()
@@ -74,7 +77,10 @@ class Explainer:
         started = time.perf_counter()
         prepared = batch.items[index]
         await self.store.mark_attempt(explanation_id)
-        summary, png, layers = await asyncio.to_thread(self._explain, prepared, target_class)
+        loop = asyncio.get_running_loop()
+        summary, png, layers = await loop.run_in_executor(
+            self.work, self._explain, prepared, target_class
+        )
         # Layers first: once the state reads "done", everything it serves exists.
         await self.store.put_record(
             layers_key(explanation_id), layers, ttl_s=self.cfg.serve.record_ttl_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -49,22 +50,22 @@ def limit_cpu_threads(num_cpus: float) -> int:
     return threads
 
 
-def yield_cpu_to_requests(niceness: int) -> None:
-    """Lower this process's CPU priority (a CPU model replica): on a shared machine the short
-    steps of the request path (proxy, ingress, preprocessing) then preempt long forwards
-    instead of queueing behind them; the model still gets every cycle nobody else wants.
+def forward_thread(niceness: int, name: str) -> ThreadPoolExecutor:
+    """The one thread a CPU model replica runs its forwards on, at a lower CPU priority.
 
-    Linux keeps a nice value per thread and a new thread inherits its creator's: every
-    thread that exists now is lowered (Ray starts workers at nice 15; 19 is the floor)."""
-    if niceness <= 0:
-        return
-    tasks = Path("/proc/self/task")
-    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
-        try:
-            now = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + niceness))
-        except OSError:  # the thread ended meanwhile
-            continue
+    On a shared machine the short steps of the request path (proxy, ingress, preprocessing,
+    and this replica's own Ray I/O threads) then preempt long forwards instead of queueing
+    behind them; the model still gets every cycle nobody else wants. Linux keeps a nice
+    value per thread: only this thread is lowered (Ray starts workers at 15; 19 is the
+    floor)."""
+
+    def lower_priority() -> None:
+        now = os.getpriority(os.PRIO_PROCESS, 0)  # 0: the calling thread, on Linux
+        os.setpriority(os.PRIO_PROCESS, 0, min(19, now + niceness))
+
+    return ThreadPoolExecutor(
+        1, thread_name_prefix=name, initializer=lower_priority if niceness > 0 else None
+    )
 
 
 def enable_cudnn_autotune() -> None:

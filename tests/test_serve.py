@@ -198,16 +198,22 @@ def test_auth_401_403_429(app):
 def test_cpu_model_replicas_yield_to_the_request_path(app):
     import psutil
 
-    def niceness(role: str) -> set[int]:
-        found = set()
+    def thread_niceness(role: str) -> list[tuple[int, set[int]]]:
+        """(main thread's nice, every thread's nice) of each replica process of a role."""
+        found = []
         for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if f"ServeReplica:{app['cfg'].serve.app_name}:{role}" in cmd:
-                found.add(p.nice())
+            if f"ServeReplica:{app['cfg'].serve.app_name}:{role}" in " ".join(
+                p.info["cmdline"] or []
+            ):
+                found.append((p.nice(), {psutil.Process(t.id).nice() for t in p.threads()}))
         return found
 
-    (ingress,) = niceness("Ingress")  # Ray starts its workers at nice 15
+    (ingress,) = {main for main, _ in thread_niceness("Ingress")}  # Ray starts workers at 15
     step = app["cfg"].serve.cpu_model_niceness
     assert step > 0 and ingress < 19
-    assert niceness("Backbone_") == {min(19, ingress + step)}  # both backbones
-    assert niceness("Explainer") == {min(19, ingress + 2 * step)}
+    backbones = thread_niceness("Backbone_")
+    assert len(backbones) == 2
+    for main, threads in backbones:  # the forward thread is lowered, the main thread not
+        assert main == ingress and max(threads) == min(19, ingress + step)
+    ((main, threads),) = thread_niceness("Explainer")
+    assert main == ingress and max(threads) == min(19, ingress + 2 * step)
