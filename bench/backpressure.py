@@ -6,16 +6,21 @@ status counts and the p99 of accepted requests beside the unloaded p99, and a RE
 Loopback only; bounded in time and requests.
 
     python -m bench.backpressure --url http://127.0.0.1:8000 [--api-key KEY]
+    python -m bench.backpressure --admission 2   # starts the local preset itself (port 8010)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import sys
+import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 
@@ -86,6 +91,33 @@ def run(
     return asyncio.run(measure(url, body, headers, duration_s, factor))
 
 
+@contextlib.contextmanager
+def local_service(admission: int, port: int = 8010):
+    """The local preset with `serve.admission_max_inflight` = admission, on a private port and
+    store, started and stopped here; yields its URL."""
+    from bench.__main__ import serve_config, write_serve_file
+    from bench.procs import Server
+
+    tmp = Path(tempfile.mkdtemp(prefix="orthovision-backpressure-"))
+    cfg = serve_config(argparse.Namespace(config=None, gpu=False, port=port, cpu_backend=None), tmp)
+    cfg = cfg.model_copy(
+        update={"serve": cfg.serve.model_copy(update={"admission_max_inflight": admission})}
+    )
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "orthovision.cli", "serve", "--config"]
+    server = Server(
+        "orthovision-serve",
+        [*cmd, str(write_serve_file(cfg, tmp))],
+        url + "/readyz",
+        tmp / "serve.log",
+    )
+    server.start(ready_timeout_s=300)
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
 def main() -> None:
     from bench.latency import sample_jpeg
 
@@ -93,9 +125,17 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key")
     parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument(
+        "--admission", type=int, help="start the local preset with this admission limit"
+    )
     args = parser.parse_args()
     body, source = sample_jpeg()
-    result = run(args.url, body, args.api_key, args.duration_s)
+    if args.admission:
+        with local_service(args.admission) as url:
+            result = run(url, body, None, args.duration_s)
+        result["admission_max_inflight"] = args.admission
+    else:
+        result = run(args.url, body, args.api_key, args.duration_s)
     print(f"image: {source}")
     for key, value in result.items():
         print(f"{key:>18}: {value}")
