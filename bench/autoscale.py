@@ -59,7 +59,9 @@ def autoscaling_config(http_port: int) -> OrthoVisionConfig:
             backbone=DeploymentConfig(
                 min_replicas=1,
                 max_replicas=2,
-                target_ongoing_requests=2.0,
+                # A call is a batch of images gathered in the ingress: one at a time keeps
+                # a one-thread replica busy.
+                target_ongoing_requests=1.0,
                 num_cpus=0.3,
                 max_ongoing_requests=16,
                 max_queued_requests=128,

@@ -100,7 +100,9 @@ def preset(name: str) -> OrthoVisionConfig:
                         "min_replicas": 2,
                         "max_replicas": 16,
                         "num_cpus": 1.0,
-                        "target_ongoing_requests": 2.0,
+                        # A call is a chunk of up to max_batch_size images: one in flight
+                        # keeps a replica busy.
+                        "target_ongoing_requests": 1.0,
                         **on_cpu_pool,
                     }
                 ),
@@ -112,7 +114,9 @@ def preset(name: str) -> OrthoVisionConfig:
                         "num_cpus": 1.0,
                         "num_gpus": 0.5,
                         "max_ongoing_requests": 64,
-                        "target_ongoing_requests": 32.0,
+                        # Calls are batches (gathered in the ingress): one running and one
+                        # waiting per replica.
+                        "target_ongoing_requests": 2.0,
                         "max_queued_requests": 256,
                         **on_model_pool,
                     }

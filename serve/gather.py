@@ -4,7 +4,9 @@ Why not `@serve.batch`: it forms a batch *before* waiting for a free concurrency
 (`max_concurrent_batches`), so under a steady closed loop every request leaves alone and
 waits for its slot with a batch of one. Here a batch is formed when a slot frees: an idle
 service sends a request at once (no timer, no added latency), a busy one sends everything
-that queued meanwhile, up to `max_size`. A batch that fails with one of `isolate`'s errors
+that queued meanwhile, up to `max_size`. A *full* batch never waits for a slot: it cannot
+grow, and holding it back would hide the load from the deployments behind (their
+autoscaling counts ongoing calls). A batch that fails with one of `isolate`'s errors
 (a replica crashed on some item) is retried item by item, so one poison input fails alone.
 """
 
@@ -38,10 +40,10 @@ class Gatherer(Generic[T, R]):
         return await future
 
     def _dispatch(self) -> None:
-        while self._free and self._queue:
+        while self._queue and (self._free > 0 or len(self._queue) >= self.max_size):
             batch = self._queue[: self.max_size]
             del self._queue[: self.max_size]
-            self._free -= 1
+            self._free -= 1  # below zero while full batches run beyond the slots
             task = asyncio.create_task(self._complete(batch))
             self._tasks.add(task)  # keep a reference until it is done
             task.add_done_callback(self._tasks.discard)

@@ -51,10 +51,14 @@ def test_requests_queued_while_busy_leave_together_within_max_size() -> None:
         await asyncio.sleep(0)
         rest = [asyncio.create_task(gatherer.submit(i)) for i in range(1, 7)]
         await asyncio.sleep(0.01)
-        assert pipe.batches == [[0]]  # the only slot is busy: the others wait
+        # The only slot is busy: a full batch leaves anyway (it cannot grow, and the load
+        # must reach the deployments behind), the partial one waits for the slot.
+        assert pipe.batches == [[0], [1, 2, 3, 4]]
         pipe.release.set()
         assert await asyncio.gather(first, *rest) == [2 * i for i in range(7)]
         assert pipe.batches == [[0], [1, 2, 3, 4], [5, 6]]
+        assert await asyncio.wait_for(gatherer.submit(7), 1) == 14  # slots all came back
+        assert pipe.batches[-1] == [7]
 
     asyncio.run(main())
 
