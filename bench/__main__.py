@@ -108,6 +108,14 @@ def write_serve_file(cfg, tmp: Path) -> Path:
     return path
 
 
+def service_server(cfg, tmp: Path) -> Server:
+    """The service under `cfg` (its host and port), as a child process logging into tmp."""
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    config_file = write_serve_file(cfg, tmp)
+    cmd = [sys.executable, "-m", "orthovision.cli", "serve", "--config", str(config_file)]
+    return Server("orthovision-serve", cmd, url + "/readyz", tmp / "serve.log")
+
+
 def bodies(image_set: image_sets.ImageSet) -> list[Body]:
     return [Body(s.data, s.content_type) for s in image_set.samples]
 
@@ -158,13 +166,7 @@ def run_naive(args, sets, tmp: Path, duration_s: float) -> dict:
 
 def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
     url = f"http://127.0.0.1:{args.port}"
-    config_file = write_serve_file(cfg, tmp)
-    server = Server(
-        "orthovision-serve",
-        [sys.executable, "-m", "orthovision.cli", "serve", "--config", str(config_file)],
-        url + "/readyz",
-        tmp / "serve.log",
-    )
+    server = service_server(cfg, tmp)
     out: dict = {"predict": {}, "fullsize": {}}
     try:
         server.start(ready_timeout_s=300)

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -95,25 +94,17 @@ def run(
 def local_service(admission: int, port: int = 8010):
     """The local preset with `serve.admission_max_inflight` = admission, on a private port and
     store, started and stopped here; yields its URL."""
-    from bench.__main__ import serve_config, write_serve_file
-    from bench.procs import Server
+    from bench.__main__ import serve_config, service_server
 
     tmp = Path(tempfile.mkdtemp(prefix="orthovision-backpressure-"))
     cfg = serve_config(argparse.Namespace(config=None, gpu=False, port=port, cpu_backend=None), tmp)
     cfg = cfg.model_copy(
         update={"serve": cfg.serve.model_copy(update={"admission_max_inflight": admission})}
     )
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "orthovision.cli", "serve", "--config"]
-    server = Server(
-        "orthovision-serve",
-        [*cmd, str(write_serve_file(cfg, tmp))],
-        url + "/readyz",
-        tmp / "serve.log",
-    )
+    server = service_server(cfg, tmp)
     server.start(ready_timeout_s=300)
     try:
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
 

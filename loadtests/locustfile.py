@@ -82,63 +82,49 @@ def _judge(resp, expect_4xx: bool) -> float:
 class RadiologyClient(FastHttpUser):
     """A PACS router or a reader's viewer: mostly single studies, some batches."""
 
+    network_timeout = 60.0
+    connection_timeout = 10.0
     back_off = 0.0  # set from Retry-After by the last request
 
     def wait_time(self) -> float:
         pause, self.back_off = self.back_off, 0.0
         return pause or random.uniform(0.05, 0.2)
 
-    network_timeout = 60.0
-    connection_timeout = 10.0
+    def _post(self, path: str, body: bytes, ctype: str, name: str, expect_4xx=False, check=None):
+        """POST judged by `_judge`; on a 200, `check(resp)` may return a failure reason."""
+        with self.client.post(
+            path, data=body, headers={"Content-Type": ctype}, name=name, catch_response=True
+        ) as resp:
+            self.back_off = _judge(resp, expect_4xx)
+            if check and resp.status_code == 200 and (reason := check(resp)):
+                resp.failure(reason)
+        return resp
 
     @task(10)
     def predict_jpeg(self) -> None:
-        with self.client.post(
-            "/v1/predict",
-            data=random.choice(JPEGS),
-            headers={"Content-Type": "image/jpeg"},
-            name="/v1/predict",
-            catch_response=True,
-        ) as resp:
-            self.back_off = _judge(resp, expect_4xx=False)
+        self._post("/v1/predict", random.choice(JPEGS), "image/jpeg", "/v1/predict")
 
     @task(2)
     def predict_dicom(self) -> None:
-        if not DICOMS:
-            return
-        with self.client.post(
-            "/v1/predict",
-            data=random.choice(DICOMS),
-            headers={"Content-Type": "application/dicom"},
-            name="/v1/predict [dicom]",
-            catch_response=True,
-        ) as resp:
-            self.back_off = _judge(resp, expect_4xx=False)
+        if DICOMS:
+            self._post(
+                "/v1/predict", random.choice(DICOMS), "application/dicom", "/v1/predict [dicom]"
+            )
 
     @task(2)
     def predict_batch(self) -> None:
-        with self.client.post(
-            "/v1/predict/batch",
-            data=BATCH_BODY,
-            headers={"Content-Type": BATCH_CTYPE},
-            name="/v1/predict/batch",
-            catch_response=True,
-        ) as resp:
-            self.back_off = _judge(resp, expect_4xx=False)
-            if resp.status_code == 200 and resp.json().get("failed"):
-                resp.failure("a valid batch item failed")
+        def no_item_failed(resp) -> str | None:
+            return "a valid batch item failed" if resp.json().get("failed") else None
+
+        self._post(
+            "/v1/predict/batch", BATCH_BODY, BATCH_CTYPE, "/v1/predict/batch", check=no_item_failed
+        )
 
     @task(1)
     def explain(self) -> None:
-        with self.client.post(
-            "/v1/predict?explain=true",
-            data=random.choice(JPEGS),
-            headers={"Content-Type": "image/jpeg"},
-            name="/v1/predict?explain=true",
-            catch_response=True,
-        ) as resp:
-            self.back_off = _judge(resp, expect_4xx=False)
-            url = resp.json().get("explanation_url") if resp.status_code == 200 else None
+        path = "/v1/predict?explain=true"
+        resp = self._post(path, random.choice(JPEGS), "image/jpeg", path)
+        url = resp.json().get("explanation_url") if resp.status_code == 200 else None
         if url:
             with self.client.get(url, name="/v1/explanations/[id]", catch_response=True) as poll:
                 if poll.status_code in (200, 202):
@@ -149,14 +135,7 @@ class RadiologyClient(FastHttpUser):
     @task(2)
     def bad_input(self) -> None:
         kind, (body, ctype) = random.choice(list(BAD_INPUTS.items()))
-        with self.client.post(
-            "/v1/predict",
-            data=body,
-            headers={"Content-Type": ctype},
-            name=f"/v1/predict [bad: {kind}]",
-            catch_response=True,
-        ) as resp:
-            self.back_off = _judge(resp, expect_4xx=True)
+        self._post("/v1/predict", body, ctype, f"/v1/predict [bad: {kind}]", expect_4xx=True)
 
 
 @events.quitting.add_listener

@@ -511,10 +511,9 @@ def _j2k_reduced(frame: bytes, ds, target: int) -> tuple[np.ndarray, int] | None
     else:
         return None
     arr = np.asarray(img)
-    precision = int(params["precision"])
-    if arr.dtype == np.uint16 and precision < 16:
+    if arr.dtype == np.uint16:  # precision <= 15 here
         # Pillow scales samples up to 16 bits; undo it to get stored values.
-        arr = arr >> (16 - precision)
+        arr = arr >> (16 - int(params["precision"]))
     return arr, 1 << level
 
 

@@ -36,7 +36,6 @@ class Backbone:
         if self.device.type == "cpu":
             threads = limit_cpu_threads(cfg.serve.backbone.num_cpus)
             niceness = cfg.serve.cpu_model_niceness
-
         else:
             enable_cudnn_autotune()
         ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)

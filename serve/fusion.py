@@ -42,7 +42,7 @@ class Fusion:
                 results.append(self._result(rid, item, [lg[row] for lg in branch_logits]))
                 row += 1
             else:
-                results.append({"error": item.to_dict(), "status": item.http_status})
+                results.append(item.to_result())
         return results
 
     def _result(self, request_id: str, prepared: Prepared, logits: list[np.ndarray]) -> dict:

@@ -579,12 +579,9 @@ class Ingress:
             ids = [current_request_id() for _ in parts]
             dicom = [i for i, p in enumerate(parts) if p.content_type == "application/dicom"]
             classified = await self._classify([Job(parts[i].data, ids[i], explain) for i in dicom])
-            not_dicom = UnsupportedFormat("STOW-RS parts must be application/dicom")
-            outcomes = [{"error": not_dicom.to_dict(), "status": not_dicom.http_status}] * len(
-                parts
-            )
-            for i, out in zip(dicom, classified, strict=True):
-                outcomes[i] = out
+            by_index = dict(zip(dicom, classified, strict=True))
+            not_dicom = UnsupportedFormat("STOW-RS parts must be application/dicom").to_result()
+            outcomes = [by_index.get(i, not_dicom) for i in range(len(parts))]
             refs = await asyncio.to_thread(lambda: [dw.sop_reference(p.data) for p in parts])
             stored, failed, results = [], [], []
             for index, (rid, out, (sop_class, sop_uid)) in enumerate(
