@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test test-slow lint bench bench-quick loadtest clean fuzz
+.PHONY: venv serve test test-slow lint bench bench-quick loadtest clean fuzz train evaluate
 
 venv: $(STAMP)
 
@@ -43,6 +43,18 @@ LOADTEST_SHAPE ?= step
 LOADTEST_OUT ?= loadtests/reports
 loadtest: venv
 	$(BIN)/python -m loadtests.run --shape $(LOADTEST_SHAPE) --run-time 60s --out $(LOADTEST_OUT)
+
+# The default checkpoint from scratch (docs/TRAINING.md): resumable, one log line a pass;
+# the run folder lives outside the repository. `make evaluate` scores it on the test split.
+TRAIN_OUT ?= $(HOME)/orthovision-runs/default
+TRAIN_ARGS ?=
+train: venv
+	$(BIN)/orthovision train -c docs/train-default.yaml --out $(TRAIN_OUT) --resume $(TRAIN_ARGS)
+
+EVAL_CHECKPOINT ?= $(TRAIN_OUT)
+evaluate: venv
+	$(BIN)/orthovision evaluate --checkpoint $(EVAL_CHECKPOINT) --data ../shared/data/fracture-xray \
+		--split test --out $(EVAL_CHECKPOINT)/evaluation
 
 clean:
 	rm -rf $(VENV) .pytest_cache

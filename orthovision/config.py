@@ -247,9 +247,32 @@ class TrainConfig(_Strict):
     # "branches-then-ensemble": the paper's order (each branch with its own loss and its own
     # best epoch, then the fusion weights on frozen branches); "joint": one fused loss.
     mode: Literal["joint", "branches-then-ensemble"] = "branches-then-ensemble"
-    optimizer: Literal["adam"] = "adam"
+    optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = Field(1e-4, gt=0)
+    # Per-branch learning rates (branch name -> lr): a from-scratch branch wants more than an
+    # ImageNet-initialised one. Branches not named use `lr`.
+    branch_lr: dict[str, float] = {}
     weight_decay: float = Field(0.0, ge=0)
+    # Per-step schedule: linear warm-up over `warmup_epochs`, then constant or cosine to 0
+    # at `epochs`.
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights (buffers included), per step; validation,
+    # selection and the checkpoint use the averaged weights. None: off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Model selection: "macro_f1" (the paper) or "auc" (mean one-vs-rest ROC AUC over the
+    # validation classes: threshold-free, what the operating point is chosen from).
+    selection_metric: Literal["macro_f1", "auc"] = "macro_f1"
+    # Early stopping: stop when no branch (or the ensemble, joint mode) has improved its
+    # selection metric for `patience` epochs, never before `min_epochs`. None: off.
+    patience: int | None = Field(None, ge=1)
+    min_epochs: int = Field(1, ge=1)
+    # "paper": flip, +-15 degree affine, brightness/contrast, noise. "radiograph": adds a
+    # bounded random-resized crop and gamma, with smaller rotations (anatomy stays in view).
+    augmentation: Literal["paper", "radiograph"] = "paper"
+    # Operating point: the fracture threshold chosen on validation for this sensitivity.
+    target_sensitivity: float = Field(0.90, gt=0, le=1)
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(20, ge=1)
     # Wall-clock budget for the epoch loop; stops after the epoch that crosses it.

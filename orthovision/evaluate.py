@@ -78,14 +78,22 @@ def present_classes(y_true: np.ndarray, num_classes: int) -> list[int]:
 
 
 def selection_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
-    """Macro-F1 (over classes with samples) and accuracy: what model selection looks at."""
+    """Macro-F1, accuracy and ROC AUC over the classes with samples: what selection looks at."""
     if len(y_true) == 0:
         return {"macro_f1": 0.0, "accuracy": 0.0, "n": 0}
     pred = probs.argmax(1)
     labels = present_classes(y_true, len(classes))
+    aucs = {
+        classes[k]: float(roc_auc_score(y_true == k, probs[:, k]))
+        for k in labels
+        if len(labels) > 1
+    }
     return {
         "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
         "accuracy": float(np.mean(pred == y_true)),
+        # Mean one-vs-rest ROC AUC over the classes present (threshold-free selection).
+        "auc": float(np.mean(list(aucs.values()))) if aucs else 0.0,
+        "auc_per_class": aucs,
         "n": len(y_true),
     }
 

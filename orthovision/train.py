@@ -150,6 +150,65 @@ def _clip(params, max_norm: float | None) -> None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def lr_factor(step: int, steps_per_epoch: int, tc) -> float:
+    """Multiplier of the base learning rate at a global optimizer step (warm-up, schedule)."""
+    warmup = tc.warmup_epochs * steps_per_epoch
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if tc.schedule == "constant":
+        return 1.0
+    total = max(tc.epochs * steps_per_epoch - warmup, 1)
+    progress = min((step - warmup) / total, 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: Ensemble, tc) -> torch.optim.Optimizer:
+    """One parameter group per branch (its own lr) plus the fusion weights."""
+    unknown = set(tc.branch_lr) - set(model.branch_names)
+    if unknown:
+        raise ValueError(f"branch_lr names unknown branches {sorted(unknown)}")
+    groups = []
+    for name in model.branch_names:
+        params = [p for p in model.branches[name].parameters() if p.requires_grad]
+        if params:
+            lr = tc.branch_lr.get(name, tc.lr)
+            groups.append({"params": params, "lr": lr, "base_lr": lr, "name": name})
+    if model.fusion_params.requires_grad:
+        groups.append(
+            {"params": [model.fusion_params], "lr": tc.lr, "base_lr": tc.lr, "name": "fusion"}
+        )
+    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+class WeightEMA:
+    """Exponential moving average of a model's parameters and buffers (Polyak averaging).
+
+    The decay warms up as (1 + n) / (10 + n), so the average is not dominated by the
+    random initialisation early on (timm's ModelEmaV3 does the same).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        import copy
+
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ours = self.module.state_dict()
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ours[k].lerp_(v.detach(), 1.0 - d)
+            else:
+                ours[k].copy_(v)
+
+
 def train(
     cfg: OrthoVisionConfig,
     out_dir: Path | str,
@@ -202,9 +261,9 @@ def train(
     if branch_mode:
         # The fusion weights stay at their initial values until the branches are done.
         model.fusion_params.requires_grad_(False)
-    opt = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay
-    )
+    opt = build_optimizer(model, tc)
+    ema = WeightEMA(model, tc.ema_decay) if tc.ema_decay else None
+    metric = tc.selection_metric
 
     # Best states: per branch in the paper's mode, the whole ensemble when joint.
     best: dict[str, dict] = {}
@@ -215,12 +274,15 @@ def train(
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+            ema.updates = int(state.get("ema_updates", 0))
         best = state["best"]
         history = json.loads(state["history"])
         start_epoch = int(state["epoch"])
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
 
-    transform = train_augmentation(cfg.preprocess.image_size) if tc.augment else None
+    transform = train_augmentation(cfg.preprocess.image_size, tc.augmentation) if tc.augment else None
     train_ds = data.dataset("train", transform)
     w = None if loss_weight is None else loss_weight.to(device)
     started = time.monotonic()
@@ -229,6 +291,9 @@ def train(
         elapsed = time.monotonic() - started
         if tc.max_train_time_s is not None and elapsed + last_epoch_s > tc.max_train_time_s:
             log.info("time budget reached after %d epochs (%.0f s)", epoch, elapsed)
+            break
+        if _plateaued(best, epoch, tc):
+            log.info("early stop: no validation %s gain in %d epochs", metric, tc.patience)
             break
         # Seeding per epoch makes a resumed run draw what an uninterrupted one would.
         seed_everything(tc.seed + epoch)
@@ -263,10 +328,18 @@ def train(
             with _autocast(device, use_amp):
                 out = {n: model.branch_forward(n, x) for n in branch_names}
             if branch_mode:
-                losses = {n: nn.functional.cross_entropy(out[n].float(), y, weight=w) for n in out}
+                losses = {
+                    n: nn.functional.cross_entropy(
+                        out[n].float(), y, weight=w, label_smoothing=tc.label_smoothing
+                    )
+                    for n in out
+                }
                 loss = sum(losses.values())
             else:
                 loss = weighted_nll(fused_log_probs(model, out), y, w)
+            factor = lr_factor(epoch * steps + step, steps, tc)
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if branch_mode:  # apart: one clipping norm per branch
@@ -275,6 +348,8 @@ def train(
             else:
                 _clip(model.parameters(), tc.grad_clip_norm)
             opt.step()
+            if ema is not None:
+                ema.update(model)
             with torch.no_grad():
                 pred = fused_log_probs(model, out).argmax(-1)
             seen += len(y)
@@ -285,8 +360,9 @@ def train(
         bar.close()
         train_s = time.monotonic() - t0
 
-        val_logits = predict_logits(model, data.pixels[val_idx], tc.eval_batch_size, device)
-        fw = model.fusion_weights.cpu().numpy()
+        scored = ema.module if ema is not None else model
+        val_logits = predict_logits(scored, data.pixels[val_idx], tc.eval_batch_size, device)
+        fw = scored.fusion_weights.cpu().numpy()
         record = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
@@ -294,6 +370,7 @@ def train(
             "train_images": seen,
             "train_time_s": train_s,
             "train_img_per_s": seen / train_s if train_s > 0 else None,
+            "lr_factor": lr_factor((epoch + 1) * steps - 1, steps, tc),
             "val": {
                 "fused": selection_metrics(
                     val_targets, fused_probabilities(val_logits, fw, 1.0), classes
@@ -306,11 +383,13 @@ def train(
         }
         keys = branch_names if branch_mode else ["fused"]
         for key in keys:
-            score = record["val"][key]["macro_f1"]
-            if key not in best or score > best[key]["macro_f1"]:
-                sub = model.branches[key] if branch_mode else model
+            score = record["val"][key][metric]
+            if key not in best or score > best[key]["score"]:
+                sub = scored.branches[key] if branch_mode else scored
                 best[key] = {
-                    "macro_f1": score,
+                    "score": score,
+                    "metric": metric,
+                    "macro_f1": record["val"][key]["macro_f1"],
                     "accuracy": record["val"][key]["accuracy"],
                     "epoch": epoch + 1,
                     "state": {k: v.detach().cpu().clone() for k, v in sub.state_dict().items()},
@@ -324,12 +403,14 @@ def train(
         last_epoch_s = record["epoch_time_s"]
         history.append(record)
         log.info(
-            "epoch %d: loss %.4f acc %.3f | val macro-F1 %s | %.1f img/s",
+            "epoch %d: loss %.4f acc %.3f | val AUC %s | val macro-F1 %s | %.1f img/s, %.0f s",
             epoch + 1,
             record["train_loss"],
             record["train_accuracy"],
+            {k: round(record["val"][k]["auc"], 4) for k in record["val"]},
             {k: round(record["val"][k]["macro_f1"], 4) for k in record["val"]},
             record["train_img_per_s"] or 0.0,
+            record["epoch_time_s"],
         )
         (out_dir / HISTORY_FILE).write_text(json.dumps(history, indent=1) + "\n")
         torch.save(
@@ -339,6 +420,11 @@ def train(
                 "best": best,
                 "history": json.dumps(history),
                 "epoch": epoch + 1,
+                **(
+                    {"ema": ema.module.state_dict(), "ema_updates": ema.updates}
+                    if ema is not None
+                    else {}
+                ),
             },
             state_path,
         )
@@ -395,6 +481,7 @@ def train(
     temperature = float(model.temperature)
 
     val_probs = fused_probabilities(val_logits, fw, temperature)
+    operating_point = choose_operating_point(val_targets, val_probs, classes, tc.target_sensitivity)
     validation = {
         "fused": selection_metrics(val_targets, val_probs, classes),
         **{
@@ -422,8 +509,17 @@ def train(
         "frozen_parameters": int(
             sum(p.numel() for n, p in model.named_parameters() if n in frozen)
         ),
+        "recipe": {
+            k: tc.model_dump(mode="json")[k]
+            for k in (
+                "optimizer", "lr", "branch_lr", "weight_decay", "schedule", "warmup_epochs",
+                "label_smoothing", "ema_decay", "augmentation", "selection_metric", "patience",
+                "min_epochs", "batch_size", "grad_clip_norm",
+            )
+        },
         "fusion": fusion_record,
         "calibration": calibration,
+        "operating_point": operating_point,
         "validation": validation,
         "resumed": bool(resume and start_epoch),
     }
@@ -461,11 +557,54 @@ def train(
     card_path = out_dir / CARD_FILE
     card = json.loads(card_path.read_text())
     card["training"] = training
+    if operating_point is not None:
+        card["operating_point"] = operating_point
     card["metrics"] = metrics
     card["notes"] = card_notes(cfg, validated)
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     log.info("wrote %s (validated classes %s)", out_dir, validated)
     return out_dir
+
+
+def _plateaued(best: dict[str, dict], epoch: int, tc) -> bool:
+    """True when `epoch` epochs are done and no tracked model improved in `patience`."""
+    if tc.patience is None or not best or epoch < tc.min_epochs:
+        return False
+    return epoch - max(b["epoch"] for b in best.values()) >= tc.patience
+
+
+def choose_operating_point(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], target_sensitivity: float
+) -> dict | None:
+    """The fracture threshold with sensitivity >= target on these (validation) data.
+
+    The highest threshold that keeps the target: every higher one misses more fractures.
+    None when the class has no positive or no negative sample.
+    """
+    if "fracture" not in classes:
+        return None
+    k = list(classes).index("fracture")
+    pos = np.asarray(y_true) == k
+    if not pos.any() or pos.all():
+        return None
+    scores = probs[:, k]
+    # Candidate thresholds: each positive's score (sensitivity only drops past one).
+    candidates = np.sort(np.unique(scores[pos]))[::-1]
+    threshold = float(candidates[-1])
+    for t in candidates:
+        if np.mean(scores[pos] >= t) >= target_sensitivity:
+            threshold = float(t)
+            break
+    predicted = scores >= threshold
+    return {
+        "class": "fracture",
+        "threshold": threshold,
+        "target_sensitivity": target_sensitivity,
+        "chosen_on": "val",
+        "val_sensitivity": float(np.mean(predicted[pos])),
+        "val_specificity": float(np.mean(~predicted[~pos])),
+        "n_val": int(len(y_true)),
+    }
 
 
 def card_notes(cfg: OrthoVisionConfig, validated: list[str]) -> list[str]:

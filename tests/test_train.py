@@ -89,6 +89,62 @@ def test_train_writes_a_loadable_checkpoint(tmp_path: Path, four_class_sources, 
         assert set(card["training"]["best_epochs"]) == {"fused"}
 
 
+RECIPE = {
+    "optimizer": "adamw",
+    "lr": 3e-4,
+    "branch_lr": {"resnet18": 1e-3},
+    "weight_decay": 0.02,
+    "schedule": "cosine",
+    "warmup_epochs": 1,
+    "label_smoothing": 0.1,
+    "ema_decay": 0.9,
+    "augmentation": "radiograph",
+    "selection_metric": "auc",
+}
+
+
+def test_recipe_options_train_select_by_auc_and_set_an_operating_point(tmp_path: Path):
+    fx = write_fracture_layout(tmp_path / "fx", groups_per_class=6, per_group=2)
+    sources = [{"kind": "fracture-xray", "path": str(fx)}]
+    cfg = tiny_cfg(tmp_path, sources, epochs=3, patience=1, min_epochs=2, **RECIPE)
+    out = train(cfg, tmp_path / "ckpt", progress=False)
+    card = load_checkpoint(out).card
+    history = json.loads((out / "history.json").read_text())
+    assert 2 <= len(history) <= 3
+    assert all("auc" in h["val"]["fused"] for h in history)
+    # Cosine reaches 0 at the last configured epoch.
+    assert history[0]["lr_factor"] > history[-1]["lr_factor"] >= 0
+    assert card["training"]["recipe"]["ema_decay"] == 0.9
+    op = card["operating_point"]
+    assert op["class"] == "fracture" and op["chosen_on"] == "val"
+    assert op["val_sensitivity"] >= 0.90 and 0 <= op["threshold"] <= 1
+
+
+def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
+    from orthovision.train import choose_operating_point
+
+    classes = ["fracture", "non-affected"]
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    p_frac = np.array([0.9, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.4, 0.1, 0.95, 0.3, 0.2, 0.1])
+    probs = np.stack([p_frac, 1 - p_frac], 1)
+    op = choose_operating_point(y, probs, classes, 0.90)
+    assert op["threshold"] == pytest.approx(0.4)  # 9 of 10 fractures at >= 0.4
+    assert op["val_sensitivity"] == pytest.approx(0.9)
+    assert op["val_specificity"] == pytest.approx(0.75)
+    assert choose_operating_point(y[:10], probs[:10], classes, 0.9) is None
+
+
+def test_early_stopping_waits_for_min_epochs_then_patience():
+    from orthovision.config import TrainConfig
+    from orthovision.train import _plateaued
+
+    tc = TrainConfig(patience=2, min_epochs=4)
+    best = {"a": {"epoch": 1}, "b": {"epoch": 2}}
+    assert not _plateaued(best, 3, tc)  # before min_epochs
+    assert _plateaued(best, 4, tc)  # 2 epochs since b improved
+    assert not _plateaued({"a": {"epoch": 3}}, 4, tc)
+
+
 def test_fracture_only_data_leaves_tumour_classes_unvalidated(tmp_path: Path):
     fx = write_fracture_layout(tmp_path / "fx", groups_per_class=6, per_group=2)
     cfg = tiny_cfg(tmp_path, [{"kind": "fracture-xray", "path": str(fx)}], max_steps_per_epoch=1)
