@@ -282,7 +282,9 @@ def train(
         start_epoch = int(state["epoch"])
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
 
-    transform = train_augmentation(cfg.preprocess.image_size, tc.augmentation) if tc.augment else None
+    transform = None
+    if tc.augment:
+        transform = train_augmentation(cfg.preprocess.image_size, tc.augmentation)
     train_ds = data.dataset("train", transform)
     w = None if loss_weight is None else loss_weight.to(device)
     started = time.monotonic()
