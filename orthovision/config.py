@@ -27,6 +27,9 @@ class DecodeConfig(_Strict):
     # 60 MP covers the largest CR/DX detectors (43x43 cm at 100 um is ~18 MP) with room.
     max_pixels: int = Field(60_000_000, gt=0)
     max_side_px: int = Field(20_000, gt=0)
+    # Estimated peak bytes of one decode (decoder buffers + arrays, per format): what the
+    # pixel count alone misses (an RGBA PNG costs ~11 bytes a pixel, a J2K frame ~6).
+    max_decode_bytes: int = Field(256 * 1024 * 1024, gt=0)
     allowed_modalities: tuple[str, ...] = ("CR", "DX", "RG")
     # Decode no smaller than this: reduced-size decoding stops at the model input size.
     min_decode_side_px: int = Field(224, gt=0)
@@ -199,6 +202,9 @@ class ServeConfig(_Strict):
     # Admission control per ingress replica: image requests beyond this get a JSON 503 with
     # Retry-After at once, so admitted ones keep their latency (size: capacity x latency).
     admission_max_inflight: int = Field(10, ge=1)
+    # Uploads in progress per tenant and ingress replica (bodies are read before a slot is
+    # taken: a tenant's slow uploads cost only this budget, never another tenant's slots).
+    admission_max_uploads_per_tenant: int = Field(16, ge=1)
     ingress: DeploymentConfig = DeploymentConfig(
         num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=64, access_log=True
     )

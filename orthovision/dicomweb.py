@@ -6,7 +6,6 @@ each instance and answers with `stow_response`.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass
 
@@ -77,14 +76,22 @@ def split_related(body: bytes, boundary: str, max_parts: int) -> list[Part]:
     return parts
 
 
-def sop_reference(data: bytes) -> tuple[str, str]:
-    """(SOPClassUID, SOPInstanceUID) from an instance's header, "" where unreadable."""
-    import pydicom
+def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
+    """(SOPClassUID, SOPInstanceUID) from an instance's header, "" where unreadable.
+
+    Only a DICOM Part 10 signature is parsed, and a deflated data set inflates through the
+    decoder's capped stream (this runs in the ingress, on every part).
+    """
     from pydicom.uid import UID
 
+    from orthovision.io import DICOM_PREAMBLE_BYTES, read_dicom
+
+    if data[DICOM_PREAMBLE_BYTES : DICOM_PREAMBLE_BYTES + 4] != b"DICM":
+        return "", ""
     try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
+        ds = read_dicom(
+            data,
+            max_inflated,
             stop_before_pixels=True,
             specific_tags=["SOPClassUID", "SOPInstanceUID"],
         )

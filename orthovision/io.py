@@ -185,6 +185,16 @@ def _check_pixel_bounds(width: int, height: int, cfg: DecodeConfig, frames: int 
         )
 
 
+def _check_decoded_bytes(width: int, height: int, bytes_per_pixel: int, cfg: DecodeConfig) -> None:
+    """Refuse a decode whose estimated peak memory is over `cfg.max_decode_bytes`."""
+    estimate = width * height * bytes_per_pixel
+    if estimate > cfg.max_decode_bytes:
+        raise InputTooLarge(
+            f"decoding {width}x{height} pixels at {bytes_per_pixel} bytes each needs "
+            f"~{estimate >> 20} MiB, over the limit of {cfg.max_decode_bytes >> 20} MiB"
+        )
+
+
 def _resolve_target(cfg: DecodeConfig, target_side: int | None) -> int:
     if target_side is None:
         return cfg.min_decode_side_px
@@ -221,11 +231,21 @@ def _rgb_to_grey(rgb: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def _composite_on_black(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Radiograph background is black: transparent pixels become 0."""
-    a = alpha.astype(np.uint16)
-    if colour.ndim == 3:
-        a = a[..., None]
-    return ((colour.astype(np.uint16) * a + 127) // 255).astype(np.uint8)
+    """Radiograph background is black: transparent pixels become 0.
+
+    In bands of rows, so the 16-bit intermediates never cost more than a band.
+    """
+    out = np.empty(colour.shape, np.uint8)
+    for r in range(0, colour.shape[0], _BAND_ROWS):
+        a = alpha[r : r + _BAND_ROWS].astype(np.uint16)
+        if colour.ndim == 3:
+            a = a[..., None]
+        band = colour[r : r + _BAND_ROWS].astype(np.uint16)
+        out[r : r + _BAND_ROWS] = (band * a + 127) // 255
+    return out
+
+
+_BAND_ROWS = 256
 
 
 def _rescale_to_uint8(arr: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -248,12 +268,13 @@ def _pil_to_grey(img: Image.Image, factor: int) -> tuple[np.ndarray, float]:
         img = img.convert("RGB")
         mode = "RGB"
 
+    arr = np.asarray(img)
+    img.close()  # the numpy copy is all we need: free Pillow's buffer before the copies
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        raw = np.asarray(img)
+        raw = arr
         # 16-bit grey: the image's own [min, max] maps linearly onto 0..255.
         low, high = float(raw.min()), float(raw.max())
         return _rescale_to_uint8(_downscale(raw, factor), low, high), 0.0
-    arr = np.asarray(img)
     if mode == "L":
         return _downscale(arr, factor), 0.0
     if mode == "LA":
@@ -272,6 +293,21 @@ def _pil_to_grey(img: Image.Image, factor: int) -> tuple[np.ndarray, float]:
 # A radiograph needs no megabytes of comments: such chunks only cost memory and time.
 PNG_METADATA_CHUNKS = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"iCCP"}
 PNG_MAX_METADATA_BYTES = 1 << 20
+
+
+# PNG colour type -> channels after decoding (a palette may expand to RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}
+
+
+def _png_bytes_per_pixel(depth: int, colour_type: int) -> int:
+    """Pillow's buffer + our numpy copy + the composite, per pixel (measured peaks agree)."""
+    channels = _PNG_CHANNELS.get(colour_type, 4)
+    if channels == 1:
+        return 2 * (2 if depth == 16 else 1) + (2 if depth == 16 else 0)
+    pillow = 4  # Pillow keeps RGB, RGBA and LA in 32-bit pixels
+    ours = channels * (2 if depth == 16 else 1)
+    composite = 3 if channels in (2, 4) else 0
+    return pillow + ours + composite
 
 
 def _walk_png_chunks(data: bytes, cfg: DecodeConfig) -> None:
@@ -297,8 +333,9 @@ def _walk_png_chunks(data: bytes, cfg: DecodeConfig) -> None:
         if first:
             if kind != b"IHDR" or length != 13:
                 raise UndecodableImage("PNG does not start with an IHDR chunk")
-            width, height = struct.unpack(">II", data[pos + 8 : pos + 16])
+            width, height, depth, colour_type = struct.unpack(">IIBB", data[pos + 8 : pos + 18])
             _check_pixel_bounds(width, height, cfg)
+            _check_decoded_bytes(width, height, _png_bytes_per_pixel(depth, colour_type), cfg)
             first = False
         (crc,) = struct.unpack(">I", data[end - 4 : end])
         if zlib.crc32(data[pos + 4 : end - 4]) != crc:
@@ -354,6 +391,8 @@ def _decode_jpeg(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
             # DCT-domain scaling: Pillow picks the largest of 1/2, 1/4, 1/8 that keeps both
             # sides >= target. "L" for grey sources skips any colour conversion work.
             img.draft("L" if source_mode == "L" else source_mode, (target, target))
+        # After draft: the size it will decode at (Pillow's buffer + our numpy copy).
+        _check_decoded_bytes(*img.size, 2 if img.mode == "L" else 4 + channels, cfg)
         img.load()
         decoded_width = img.size[0]
         # EXIF orientation after decoding (on the small image); original_size stays stored.
@@ -399,6 +438,110 @@ DICOM_SOURCE_ATTRIBUTES = {
     "SeriesNumber": 12,
     "Laterality": 16,
 }
+
+
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+
+
+def read_dicom(data: bytes, max_inflated: int, **dcmread_kwargs):
+    """pydicom.dcmread of client bytes, with the Deflated transfer syntax inflated through a
+    capped stream first (pydicom inflates the whole data set with no bound: a 1 MB upload
+    can become gigabytes). Raises InputTooLarge past `max_inflated` bytes.
+    """
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        deflated = str(meta.get("TransferSyntaxUID", "")) == DEFLATED_TRANSFER_SYNTAX
+    except _DICOM_PARSE_ERRORS:
+        deflated = False  # dcmread below reports the broken header its own way
+    if deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            inflated = inflater.decompress(data[fp.tell() :], max_inflated + 1)
+        except zlib.error:
+            raise UndecodableImage("deflated DICOM data set cannot be inflated") from None
+        if len(inflated) > max_inflated or inflater.unconsumed_tail:
+            raise InputTooLarge(
+                f"deflated DICOM data set inflates past {max_inflated} bytes (compression bomb)"
+            )
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out = io.BytesIO()
+        out.write(data[:DICOM_PREAMBLE_BYTES] + b"DICM")
+        write_file_meta_info(out, meta, enforce_standard=False)
+        out.write(inflated)
+        data = out.getvalue()
+    return pydicom.dcmread(io.BytesIO(data), **dcmread_kwargs)
+
+
+# ------------------------------------------------------------------ codestream dimensions
+
+# Start of Frame markers of ITU-T T.81 (JPEG: all but DHT C4, JPG C8, DAC CC) and T.87
+# (JPEG-LS: F7). Each segment: length(2) precision(1) Y(2) X(2) components(1).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+def codestream_geometry(frame: bytes) -> tuple[int, int, int] | None:
+    """(columns, rows, components) a compressed frame declares itself, or None when it is
+    not a JPEG / JPEG-LS / JPEG 2000 codestream (RLE and others carry no geometry).
+
+    The header's Rows/Columns bound the decode only if the codestream agrees: a decoder
+    allocates what the codestream says, so a 2 KB file can declare 40000 x 40000.
+    """
+    if frame.startswith(_J2K_SOC_SIZ):
+        if len(frame) < 42:
+            raise UndecodableImage("JPEG 2000 codestream is truncated")
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", frame[8:24])
+        (csiz,) = struct.unpack(">H", frame[40:42])
+        return xsiz - xosiz, ysiz - yosiz, csiz
+    if frame.startswith(b"\x00\x00\x00\x0cjP  "):  # a JP2 file wrapped in the frame
+        start = frame.find(_J2K_SOC_SIZ, 0, 1 << 16)
+        return codestream_geometry(frame[start:]) if start >= 0 else None
+    if not frame.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(frame):
+        if frame[pos] != 0xFF:
+            raise UndecodableImage("JPEG codestream has a malformed marker segment")
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        (length,) = struct.unpack(">H", frame[pos + 2 : pos + 4])
+        if marker in _SOF_MARKERS:
+            if pos + 10 > len(frame):
+                break
+            rows, cols = struct.unpack(">HH", frame[pos + 5 : pos + 9])
+            return cols, rows, frame[pos + 9]
+        if marker == 0xDA or length < 2:  # scan data before any frame header
+            break
+        pos += 2 + length
+    raise UndecodableImage("JPEG codestream has no frame header")
+
+
+def _check_codestream(ds, frames: int, rows: int, cols: int) -> None:
+    """Refuse compressed pixel data whose codestream declares another size than the header."""
+    import pydicom
+
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=frames)
+    except Exception:  # noqa: BLE001 - any broken encapsulation is the client's
+        raise UndecodableImage("DICOM encapsulated pixel data cannot be read") from None
+    geometry = codestream_geometry(bytes(frame[: 1 << 16]))
+    if geometry is None:
+        return
+    width, height, components = geometry
+    if (width, height) != (cols, rows) or components != 1:
+        raise UndecodableImage(
+            f"compressed pixel data declares {width}x{height}x{components}, "
+            f"the header {cols}x{rows}x1"
+        )
 
 
 def _dicom_source(ds) -> dict[str, str] | None:
@@ -533,7 +676,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
     parse_errors = (InvalidDicomError, BytesLengthException, *_DICOM_PARSE_ERRORS)
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        ds = read_dicom(data, cfg.max_bytes)
         _check_element_lengths(ds)
         modality = str(ds.get("Modality", "") or "").strip().upper() or None
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None
@@ -576,7 +719,12 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
     if samples != 1:
         raise NotARadiograph("colour DICOM is not a greyscale radiograph")
     _check_pixel_bounds(cols, rows, cfg, frames)
-    if not compressed:
+    sample_bytes = max(1, (bits_allocated + 7) // 8)
+    # Codecs (openjpeg, libjpeg, CharLS) work in 32-bit samples, then hand back the array.
+    _check_decoded_bytes(cols, rows, sample_bytes + (4 if compressed else 0), cfg)
+    if compressed:
+        _check_codestream(ds, frames, rows, cols)
+    else:
         expected = rows * cols * frames * ((bits_allocated + 7) // 8)
         if bits_allocated == 1:
             expected = math.ceil(rows * cols * frames / 8)

@@ -40,6 +40,8 @@ POOL_MARKER_CAPACITY = 1000
 # Ray's fixed ports (ray_constants): GCS, dashboard, client, dashboard agent, metrics.
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT, METRICS_PORT = 6379, 8265, 10001, 52365, 8080
 API_KEYS_ENV = "ORTHOVISION_API_KEYS"  # read by serve/auth.py (security.api_keys_env)
+REDIS_PASSWORD_ENV = "ORTHOVISION_REDIS_PASSWORD"  # serve/store.py REDIS_PASSWORD_ENV
+RAY_UID = 1000  # the rayproject images' `ray` user
 
 
 class PodSize(BaseModel):
@@ -65,6 +67,10 @@ class ClusterSpec(BaseModel):
     redis_name: str = "orthovision-redis"
     redis_image: str = "redis:7.2-alpine"
     redis_storage: str = "8Gi"
+    # Secret with the Redis password (key `password`): result store and GCS fault tolerance.
+    redis_secret: str = "orthovision-redis"
+    # The namespace of the ingress controller that terminates TLS in front of port 8000.
+    ingress_namespace: str = "ingress-nginx"
     checkpoint_dir: str = "/home/ray/orthovision/models/default"
     head: PodSize = PodSize(cpu=2, memory="8Gi")
     cpu_worker: PodSize = PodSize(cpu=4, memory="8Gi")
@@ -139,6 +145,10 @@ RAYLET_OK = _wget(AGENT_PORT, "/api/local_raylet_healthz")
 GCS_OK = _wget(DASHBOARD_PORT, "/api/gcs_healthz")
 
 
+def _secret_env(name: str, secret: str, key: str) -> dict:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
 def _container(
     name: str, spec: ClusterSpec, size: PodSize, ports: dict[str, int], env: list, probes: dict
 ) -> dict:
@@ -147,15 +157,38 @@ def _container(
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
-        "env": [{"name": "ORTHOVISION_CHECKPOINT", "value": spec.checkpoint_dir}, *env],
+        "env": [
+            {"name": "ORTHOVISION_CHECKPOINT", "value": spec.checkpoint_dir},
+            *env,
+        ],
         "resources": _resources(size),
         **probes,
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        },
+        # Writable places only: /tmp (Ray's session and logs, the local store) and the
+        # object store's /dev/shm.
         "volumeMounts": [
-            {"name": "ray-logs", "mountPath": "/tmp/ray"},
+            {"name": "tmp", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
     }
+
+
+# Pod-level hardening (Pod Security Standards "restricted"): no root, the runtime's seccomp
+# profile, no Kubernetes API token (Ray needs none here).
+POD_SECURITY = {
+    "securityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": RAY_UID,
+        "runAsGroup": RAY_UID,
+        "fsGroup": RAY_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
+    "automountServiceAccountToken": False,
+}
 
 
 def _pod(
@@ -169,7 +202,8 @@ def _pod(
         },
         "spec": {
             "containers": [container],
-            "volumes": [{"name": "ray-logs", "emptyDir": {}}, {"name": "dshm", "emptyDir": shm}],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, {"name": "dshm", "emptyDir": shm}],
+            **POD_SECURITY,
             **(extra or {}),
         },
     }
@@ -219,8 +253,9 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
         },
     )
     # Only the CPU pool hosts the Ingress, so only its pods see the API keys.
+    redis_password = _secret_env(REDIS_PASSWORD_ENV, spec.redis_secret, "password")
     cpu_worker = _container(
-        "ray-worker", spec, spec.cpu_worker, worker_ports, [api_keys], worker_probes
+        "ray-worker", spec, spec.cpu_worker, worker_ports, [api_keys, redis_password], worker_probes
     )
     gpu_worker = _container("ray-worker", spec, spec.gpu_worker, worker_ports, [], worker_probes)
     gpu_tolerations = {
@@ -241,6 +276,10 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
             "serveConfigV2": yaml.safe_dump(k8s_serve_config(cfg), sort_keys=False),
             "rayClusterConfig": {
                 "rayVersion": ray_version(),
+                # Ray token auth (Ray >= 2.52, KubeRay >= 1.5.1): the operator makes the
+                # token Secret and sets it on every Ray container, so the dashboard's job
+                # submission, GCS and client ports refuse callers without it, even in-cluster.
+                "authOptions": {"mode": "token"},
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {
                     "upscalingMode": "Default",
@@ -251,6 +290,11 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
                 # old and new clusters of a blue/green upgrade never share GCS state.
                 "gcsFaultToleranceOptions": {
                     "redisAddress": f"{spec.redis_name}:{GCS_PORT}",
+                    "redisPassword": {
+                        "valueFrom": {
+                            "secretKeyRef": {"name": spec.redis_secret, "key": "password"}
+                        }
+                    },
                 },
                 "headGroupSpec": {
                     "serviceType": "ClusterIP",  # never a LoadBalancer for GCS/dashboard/client
@@ -304,7 +348,12 @@ def redis(spec: ClusterSpec) -> list[dict]:
     """
     labels = {APP_LABEL: spec.redis_name}
     meta = {"name": spec.redis_name, "namespace": spec.namespace, "labels": labels}
+    # redis-cli reads the password from REDISCLI_AUTH (never on a command line).
     ping = {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5, "timeoutSeconds": 2}
+    password = [
+        _secret_env("REDIS_PASSWORD", spec.redis_secret, "password"),
+        _secret_env("REDISCLI_AUTH", spec.redis_secret, "password"),
+    ]
     service = {
         "apiVersion": "v1",
         "kind": "Service",
@@ -325,18 +374,39 @@ def redis(spec: ClusterSpec) -> list[dict]:
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "fsGroup": 999},
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 999,
+                        "fsGroup": 999,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "automountServiceAccountToken": False,
                     "containers": [
                         {
                             "name": "redis",
                             "image": spec.redis_image,
-                            "args": ["--appendonly", "yes", "--save", "", "--protected-mode", "no"],
+                            "args": [
+                                "--appendonly",
+                                "yes",
+                                "--save",
+                                "",
+                                "--protected-mode",
+                                "yes",
+                                # Kubernetes expands $(VAR) from env: the Secret's password.
+                                "--requirepass",
+                                "$(REDIS_PASSWORD)",
+                            ],
+                            "env": password,
                             "ports": [{"name": "redis", "containerPort": GCS_PORT}],
                             "resources": _resources(PodSize(cpu=1, memory="2Gi")),
                             "readinessProbe": ping,
                             "livenessProbe": {**ping, "initialDelaySeconds": 10},
                             "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                            "securityContext": {"allowPrivilegeEscalation": False},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                                "readOnlyRootFilesystem": True,
+                            },
                         }
                     ],
                 },
@@ -387,8 +457,9 @@ def network_policies(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
                 {"from": [ray_pods]},
                 {"from": [ns(spec.operator_namespace)], "ports": tcp(DASHBOARD_PORT)},
                 {"from": [ns(spec.monitoring_namespace)], "ports": tcp(METRICS_PORT)},
-                # The HTTP API is the only public surface; it authenticates with API keys.
-                {"ports": tcp(cfg.serve.port)},
+                # The HTTP API, from the ingress controller only (it terminates TLS; the API
+                # authenticates with API keys).
+                {"from": [ns(spec.ingress_namespace)], "ports": tcp(cfg.serve.port)},
             ],
         ),
         policy(

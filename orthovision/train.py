@@ -514,9 +514,20 @@ def train(
         "recipe": {
             k: tc.model_dump(mode="json")[k]
             for k in (
-                "optimizer", "lr", "branch_lr", "weight_decay", "schedule", "warmup_epochs",
-                "label_smoothing", "ema_decay", "augmentation", "selection_metric", "patience",
-                "min_epochs", "batch_size", "grad_clip_norm",
+                "optimizer",
+                "lr",
+                "branch_lr",
+                "weight_decay",
+                "schedule",
+                "warmup_epochs",
+                "label_smoothing",
+                "ema_decay",
+                "augmentation",
+                "selection_metric",
+                "patience",
+                "min_epochs",
+                "batch_size",
+                "grad_clip_norm",
             )
         },
         "fusion": fusion_record,

@@ -111,6 +111,13 @@ class _Bucket:
         return (1 - self.tokens) / self.rate_per_s
 
 
+# The one tenant of a service with auth off (loopback only): owner of every record.
+LOCAL_TENANT = "local"
+# Wrong keys from one client: a burst of 10, then one every 5 s (brute force gets 429).
+BAD_KEY_BURST, BAD_KEY_RATE_PER_S = 10.0, 0.2
+_MAX_TRACKED_CLIENTS = 10_000
+
+
 class Authenticator:
     def __init__(self, security: SecurityConfig, tenants: list[TenantConfig]) -> None:
         self.enabled = security.auth == "api-key"
@@ -118,6 +125,7 @@ class Authenticator:
         self._by_hash = {t.key_sha256: t for t in tenants}
         self._buckets = {t.id: _Bucket(t.rate_per_s, t.burst, t.burst) for t in tenants}
         self._day: dict[str, tuple[int, int]] = {}  # tenant -> (utc day, count)
+        self._bad_keys: dict[str, _Bucket] = {}  # client address -> wrong-key budget
         self._lock = threading.Lock()
 
     @classmethod
@@ -129,18 +137,33 @@ class Authenticator:
         check_startup(serve_cfg, tenants)
         return cls(security, tenants)
 
-    def authenticate(self, api_key: str | None, scope: str) -> str:
-        """The tenant id for a key allowed `scope`; raises AuthError (401/403/429)."""
+    def _count_bad_key(self, client: str) -> None:
+        with self._lock:
+            if len(self._bad_keys) > _MAX_TRACKED_CLIENTS:
+                self._bad_keys.clear()  # bounded memory; a flood restarts everyone's budget
+            bucket = self._bad_keys.setdefault(
+                client, _Bucket(BAD_KEY_RATE_PER_S, BAD_KEY_BURST, BAD_KEY_BURST)
+            )
+            wait_s = bucket.take()
+        if wait_s > 0:
+            raise RateLimited("too many invalid API keys", retry_after_s=max(1, math.ceil(wait_s)))
+
+    def authenticate(self, api_key: str | None, *scopes: str, client: str | None = None) -> str:
+        """The tenant id for a key allowed every one of `scopes`; raises AuthError
+        (401/403/429). `client` (the peer address) budgets wrong keys: past a burst they
+        get 429 with Retry-After, so keys cannot be guessed at line rate."""
         if not self.enabled:
-            return "local"
+            return LOCAL_TENANT
         if not api_key:
             raise AuthError(f"missing API key (header {self.header})")
         digest = hash_key(api_key)
         tenant = next((t for h, t in self._by_hash.items() if hmac.compare_digest(h, digest)), None)
         if tenant is None:
+            self._count_bad_key(client or "unknown")
             raise AuthError("invalid API key")
-        if scope not in tenant.scopes:
-            raise Forbidden(f"this API key may not use {scope!r}")
+        missing = [s for s in scopes if s not in tenant.scopes]
+        if missing:
+            raise Forbidden(f"this API key may not use {missing[0]!r}")
         with self._lock:
             wait_s = self._buckets[tenant.id].take()
             if wait_s > 0:

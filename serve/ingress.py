@@ -32,7 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orthovision.errors import BodyTimeout, InputError, InputTooLarge, UnsupportedFormat
 from orthovision.schema import PRIVATE_KEY, ErrorResponse, Prediction
 from serve import clinical
-from serve.auth import Authenticator, AuthError
+from serve.admission import Admission, Overloaded
+from serve.auth import LOCAL_TENANT, Authenticator, AuthError
 from serve.gather import Gatherer
 from serve.metrics import metrics
 from serve.runtime import config_from
@@ -54,7 +55,14 @@ ERRORS = {
     503: {"model": ErrorResponse},
 }
 # The viewer is one static page; the browser revalidates it so a deploy shows at once.
-VIEWER_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+VIEWER_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    # No framing (clickjacking): frame-ancestors only works as a header, not in the page's
+    # <meta> CSP; X-Frame-Options for older browsers.
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
 RAW_TYPES = ("image/png", "image/jpeg", "application/dicom", "application/octet-stream")
 
 
@@ -102,10 +110,8 @@ class Job:
     data: bytes
     request_id: str
     explain: bool = False
-
-
-class Overloaded(Exception):
-    """This ingress replica is at its admission limit."""
+    # The authenticated tenant: stored as the record's owner; only it can read the record.
+    tenant: str = LOCAL_TENANT
 
 
 @api.exception_handler(Overloaded)
@@ -204,7 +210,10 @@ class Ingress:
         self.fusion, self.explainer = fusion, explainer
         self.store = open_store(self.cfg.serve.store_url)
         self.auth = Authenticator.from_config(self.cfg.serve)
-        self.inflight = 0
+        self.admission = Admission(
+            self.cfg.serve.admission_max_inflight,
+            self.cfg.serve.admission_max_uploads_per_tenant,
+        )
         self._explanations: set[asyncio.Task] = set()
         # Single-image requests that wait together share one trip through the pipeline: a
         # Ray call costs more CPU than preprocessing a small JPEG, so hops are paid per batch.
@@ -216,22 +225,26 @@ class Ingress:
         )
 
     @contextlib.asynccontextmanager
-    async def admitted(self):
-        """Admission control: at most serve.admission_max_inflight image requests per ingress
-        replica; beyond that a JSON 503 with Retry-After at once, so admitted requests keep
-        their latency and nothing queues without bound."""
-        if self.inflight >= self.cfg.serve.admission_max_inflight:
-            metrics().rejected.inc(tags={"reason": "overloaded"})
-            raise Overloaded()
-        self.inflight += 1
+    async def admitted(self, tenant: str, read):
+        """Admission control (serve/admission.py): the body arrives under the tenant's upload
+        budget, then the request takes a compute slot of its tenant's fair share; beyond
+        either a JSON 503 with Retry-After at once. Yields what `read()` returned."""
         try:
-            yield
-        finally:
-            self.inflight -= 1
+            async with self.admission.upload(tenant):
+                body = await read()
+            async with self.admission.slot(tenant):
+                yield body
+        except Overloaded:
+            metrics().rejected.inc(tags={"reason": "overloaded"})
+            raise
 
-    def guard(self, request: Request, scope: str) -> str:
-        """Authenticate and rate-limit; the tenant id (a bounded label) or an AuthError."""
-        request.state.tenant = self.auth.authenticate(request.headers.get(self.auth.header), scope)
+    def guard(self, request: Request, *scopes: str) -> str:
+        """Authenticate (the key must allow every scope) and rate-limit once; the tenant id
+        (a bounded label) or an AuthError."""
+        client = request.client.host if request.client else None
+        request.state.tenant = self.auth.authenticate(
+            request.headers.get(self.auth.header), *scopes, client=client
+        )
         return request.state.tenant
 
     # ---- the road of images ----------------------------------------------------------
@@ -259,7 +272,8 @@ class Ingress:
                 await self.store.create_explanation(job.request_id, job.request_id)
                 result["explanation_url"] = f"/v1/explanations/{job.request_id}"
                 self._queue_explanation(job.request_id, prepared, index, result)
-            records.append((job.request_id, {**result, PRIVATE_KEY: hidden} if hidden else result))
+            owned = {**(hidden or {}), "tenant": job.tenant}
+            records.append((job.request_id, {**result, PRIVATE_KEY: owned}))
         if records:
             await self.store.put_records(records, ttl_s=self.cfg.serve.record_ttl_s)
         return results
@@ -305,17 +319,19 @@ class Ingress:
         summary="Classify one radiograph (raw body or multipart field `file`)",
     )
     async def predict(self, request: Request, explain: bool = False) -> Response:
-        self.guard(request, "explain" if explain else "predict")
-        async with self.admitted():
-            data = await self._single_image(request)
-            result = await self.gatherer.submit(Job(data, current_request_id(), explain))
+        tenant = self.guard(request, "predict", *(("explain",) if explain else ()))
+        async with self.admitted(tenant, lambda: self._single_image(request)) as data:
+            result = await self.gatherer.submit(Job(data, current_request_id(), explain, tenant))
             return self._json(result)
+
+    async def _body(self, request: Request) -> bytes:
+        return await read_body(
+            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
+        )
 
     async def _single_image(self, request: Request) -> bytes:
         ctype = media_type(request)
-        body = await read_body(
-            request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
-        )
+        body = await self._body(request)
         if ctype == "multipart/form-data":
             parts = await self._parts(request, body, limit=1)
             if not parts:
@@ -350,21 +366,15 @@ class Ingress:
         summary="Classify up to max_batch_items radiographs (multipart); results in order",
     )
     async def predict_batch(self, request: Request) -> Response:
-        self.guard(request, "batch")
-        async with self.admitted():
-            ctype = media_type(request)
-            if ctype != "multipart/form-data":
-                raise InputError(
-                    "batch requests must be multipart/form-data with one file per part"
-                )
-            body = await read_body(
-                request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
-            )
+        tenant = self.guard(request, "batch")
+        if media_type(request) != "multipart/form-data":
+            raise InputError("batch requests must be multipart/form-data with one file per part")
+        async with self.admitted(tenant, lambda: self._body(request)) as body:
             limit = self.cfg.serve.max_batch_items
             parts = await self._parts(request, body, limit)
             if not parts:
                 raise InputError("batch has no files")
-            jobs = [Job(data, current_request_id()) for _name, data in parts]
+            jobs = [Job(data, current_request_id(), tenant=tenant) for _name, data in parts]
             outcomes = await self._classify(jobs)
             items = []
             for index, ((name, _), job, out) in enumerate(zip(parts, jobs, outcomes, strict=True)):
@@ -386,8 +396,8 @@ class Ingress:
     ) -> Response:
         """`overlay` (default): heat map blended over the model input; `heatmap`: the heat
         map alone, transparent where cold; `image`: the 224x224 model input it belongs to."""
-        self.guard(request, "read")
-        record = await self._explanation_record(explanation_id)
+        tenant = self.guard(request, "read")
+        record = await self._explanation_record(explanation_id, tenant)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
         if record.state != "done":
@@ -403,15 +413,18 @@ class Ingress:
 
     @api.get("/v1/explanations/{explanation_id}")
     async def explanation(self, request: Request, explanation_id: str) -> Response:
-        self.guard(request, "read")
-        record = await self._explanation_record(explanation_id)
+        tenant = self.guard(request, "read")
+        record = await self._explanation_record(explanation_id, tenant)
         if record is None:
             return error_response(404, "not_found", "unknown explanation id")
         return self._explanation_state(record)
 
-    async def _explanation_record(self, explanation_id: str):
-        """The stored record; one left pending past its deadline (its ingress replica died
-        before recording the outcome) is failed here, so nothing stays pending forever."""
+    async def _explanation_record(self, explanation_id: str, tenant: str):
+        """The stored record, None unless `tenant` owns its prediction (explanation id ==
+        request id); one left pending past its deadline (its ingress replica died before
+        recording the outcome) is failed here, so nothing stays pending forever."""
+        if await self._owned_record(explanation_id, tenant) is None:
+            return None
         record = await self.store.get_explanation(explanation_id)
         deadline_s = 2 * self.cfg.serve.explanation_timeout_s + 30
         if record and record.state == "pending" and time.time() - record.updated_at > deadline_s:
@@ -448,25 +461,36 @@ class Ingress:
             return error_response(404, "not_found", "unknown viewer asset")
         return Response(clinical.viewer_file(asset), media_type=media_type, headers=VIEWER_HEADERS)
 
-    async def _stored_record(self, request_id: str) -> dict:
-        record = None
-        if SAFE_REQUEST_ID.fullmatch(request_id):
-            record = await self.store.get_record(request_id)
+    async def _owned_record(self, request_id: str, tenant: str) -> dict | None:
+        """The stored prediction if `tenant` owns it. Another tenant's record is answered
+        exactly like a missing one (404): ids travel in URLs and logs, so they are not
+        secrets, and a 403 would confirm that the id exists."""
+        if not SAFE_REQUEST_ID.fullmatch(request_id):
+            return None
+        record = await self.store.get_record(request_id)
+        if record is None or clinical.private(record).get("tenant") != tenant:
+            return None
+        return record
+
+    async def _stored_record(self, request_id: str, tenant: str) -> dict:
+        record = await self._owned_record(request_id, tenant)
         if record is None:
             raise StarletteHTTPException(404, "unknown or expired request id")
         return record
 
     @api.get("/v1/predictions/{request_id}", summary="A stored prediction result")
     async def prediction(self, request: Request, request_id: str) -> Response:
-        self.guard(request, "read")
-        return JSONResponse(clinical.public(await self._stored_record(request_id)))
+        tenant = self.guard(request, "read")
+        return JSONResponse(clinical.public(await self._stored_record(request_id, tenant)))
 
-    async def _overlay_png(self, request_id: str, record: dict) -> tuple[bytes | None, str, str]:
+    async def _overlay_png(
+        self, request_id: str, record: dict, tenant: str
+    ) -> tuple[bytes | None, str, str]:
         """(overlay PNG or None, explanation state, why there is none); explanation id ==
         request id."""
         if not record.get("explanation_url"):
             return None, "none", "No explanation was requested for this image."
-        explanation = await self._explanation_record(request_id)
+        explanation = await self._explanation_record(request_id, tenant)
         if explanation is None:
             return None, "expired", "The explanation has expired."
         if explanation.state == "pending":
@@ -483,9 +507,9 @@ class Ingress:
     async def report_pdf(self, request: Request, request_id: str) -> Response:
         from orthovision.pdf_report import render_report
 
-        self.guard(request, "read")
-        record = await self._stored_record(request_id)
-        overlay, _state, note = await self._overlay_png(request_id, record)
+        tenant = self.guard(request, "read")
+        record = await self._stored_record(request_id, tenant)
+        overlay, _state, note = await self._overlay_png(request_id, record, tenant)
         pdf = await asyncio.to_thread(render_report, clinical.public(record), overlay, note)
         return Response(
             pdf,
@@ -504,8 +528,8 @@ class Ingress:
     async def dicom_sr(self, request: Request, request_id: str) -> Response:
         from orthovision.dicom_out import structured_report, to_bytes
 
-        self.guard(request, "read")
-        record = await self._stored_record(request_id)
+        tenant = self.guard(request, "read")
+        record = await self._stored_record(request_id, tenant)
         source = self._dicom_source(record)
         if source is None:
             return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
@@ -534,12 +558,12 @@ class Ingress:
     async def dicom_sc(self, request: Request, request_id: str) -> Response:
         from orthovision.dicom_out import secondary_capture, to_bytes
 
-        self.guard(request, "read")
-        record = await self._stored_record(request_id)
+        tenant = self.guard(request, "read")
+        record = await self._stored_record(request_id, tenant)
         source = self._dicom_source(record)
         if source is None:
             return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
-        overlay, state, note = await self._overlay_png(request_id, record)
+        overlay, state, note = await self._overlay_png(request_id, record, tenant)
         if overlay is None:
             if state == "pending":
                 return error_response(202, "pending", note, retry_after_s=1)
@@ -565,20 +589,17 @@ class Ingress:
         /v1/predictions/{request_id}/dicom/sr|sc."""
         from orthovision import dicomweb as dw
 
-        self.guard(request, "dicomweb")
-        if explain:
-            self.guard(request, "explain")
-        async with self.admitted():
-            boundary = dw.related_boundary(request.headers.get("content-type", ""))
-            body = await read_body(
-                request, self.cfg.serve.max_body_bytes, self.cfg.serve.body_timeout_s
-            )
+        tenant = self.guard(request, "dicomweb", *(("explain",) if explain else ()))
+        boundary = dw.related_boundary(request.headers.get("content-type", ""))
+        async with self.admitted(tenant, lambda: self._body(request)) as body:
             parts = dw.split_related(body, boundary, self.cfg.serve.max_batch_items)
             if not parts:
                 raise InputError("STOW-RS request has no instances")
             ids = [current_request_id() for _ in parts]
             dicom = [i for i, p in enumerate(parts) if p.content_type == "application/dicom"]
-            classified = await self._classify([Job(parts[i].data, ids[i], explain) for i in dicom])
+            classified = await self._classify(
+                [Job(parts[i].data, ids[i], explain, tenant) for i in dicom]
+            )
             by_index = dict(zip(dicom, classified, strict=True))
             not_dicom = UnsupportedFormat("STOW-RS parts must be application/dicom").to_result()
             outcomes = [by_index.get(i, not_dicom) for i in range(len(parts))]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -15,8 +14,10 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from orthovision.checkpoint import read_card
 from orthovision.render import load_serve_file
 from serve.app import AppArgs, build_app
+from serve.runtime import checkpoint_path
 
 log = logging.getLogger("orthovision.serve")
 
@@ -58,8 +59,8 @@ def run(config_file: Path, ready_timeout_s: float = 120.0) -> int:
         serve.shutdown()
         ray.shutdown()
         return 1
-    with urllib.request.urlopen(url + "/v1/model", timeout=10) as resp:
-        card = json.load(resp)
+    # The card from the checkpoint itself: over HTTP it would need an API key when auth is on.
+    card = read_card(checkpoint_path(load_serve_file(config_file)))
     if not card.get("trained"):
         out.write(
             "\n" + "!" * 78 + "\nWARNING: the checkpoint has RANDOM, UNTRAINED weights. "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -170,6 +171,31 @@ CREATE INDEX IF NOT EXISTS explanations_expires ON explanations(expires_at);
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
+REDIS_PASSWORD_ENV = "ORTHOVISION_REDIS_PASSWORD"
+
+
+class UnsafeStoreDirectory(RuntimeError):
+    """The store's directory belongs to another user or others can write to it."""
+
+
+def private_directory(path: Path) -> None:
+    """Create `path` 0700, or accept an existing one only if this user owns it and nobody
+    else can write to it (a directory someone else made first under /tmp could be read or
+    swapped by them)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise UnsafeStoreDirectory(
+            f"refusing to store results in {path}: owned by uid {st.st_uid}, not this user"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeStoreDirectory(
+            f"refusing to store results in {path}: group or others can write to it"
+        )
+    if st.st_mode & 0o077:
+        path.chmod(0o700)  # ours: close it to others too
+
+
 class SQLiteStore(ResultStore):
     """SQLite file shared by the replicas of one machine."""
 
@@ -184,7 +210,11 @@ class SQLiteStore(ResultStore):
         _check_ttl(explanation_ttl_s)
         self.path = str(path)
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_directory(Path(self.path).parent)
+            # The file holds patient attributes: owner only (SQLite gives its -wal and -shm
+            # files the database file's mode).
+            Path(self.path).touch(mode=0o600, exist_ok=True)
+            os.chmod(self.path, 0o600)
         self._explanation_ttl_s = explanation_ttl_s
         self._purge_interval_s = purge_interval_s
         self._last_purge = 0.0
@@ -476,8 +506,12 @@ class RedisStore(ResultStore):
         self._explanation_ttl_s = explanation_ttl_s
         # Bounded timeouts and one quick retry: a stale pooled connection (server restart)
         # reconnects transparently, while a dead server fails within ~2 s instead of hanging.
+        # The password comes from the environment (a Kubernetes Secret) unless the URL has
+        # one: a URL travels in config files and must not carry it.
+        password = None if urlsplit(url).password else os.environ.get(REDIS_PASSWORD_ENV)
         self._r = aioredis.Redis.from_url(
             url,
+            password=password or None,
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries),

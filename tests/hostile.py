@@ -141,3 +141,120 @@ def body_cases() -> list[Case]:
         Case("random-bytes", np.random.default_rng(0).bytes(4096)),
     ]
     return cases
+
+
+# ------------------------------------------------------------------ decompression bombs
+# Each is small on the wire and huge once decoded (issue: "decompression and pixel bombs").
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def _split_meta(part10: bytes) -> tuple[bytes, bytes]:
+    """(preamble + DICM + file meta group, data set) of a Part 10 file."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = io.BytesIO(part10)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return part10[: fp.tell()], part10[fp.tell() :]
+
+
+def deflated_dicom_bomb(inflated_mb: int = 1024) -> bytes:
+    """A Deflated Explicit VR LE file whose PixelData inflates to `inflated_mb` MiB of zeros
+    (~1 KB on the wire per MiB): pydicom inflates it whole before any bound applies."""
+    plain = make_dicom(pixels=gradient(64, 64, np.uint16) >> 4)
+    meta, _ = _split_meta(make_dicom(transfer_syntax=DEFLATED))
+    _, dataset = _split_meta(plain)
+    pixel_tag = dataset.rindex(b"\xe0\x7f\x10\x00")
+    size = inflated_mb << 20
+    head = dataset[:pixel_tag] + b"\xe0\x7f\x10\x00OW\x00\x00" + struct.pack("<I", size)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [deflater.compress(head)]
+    zeros = bytes(1 << 20)
+    out += [deflater.compress(zeros) for _ in range(inflated_mb)]
+    out.append(deflater.flush())
+    return meta + b"".join(out)
+
+
+def deflated_dicom_small() -> bytes:
+    """A well-formed deflated radiograph (the bound must not refuse honest files)."""
+    return make_dicom(pixels=radiograph().astype(np.uint16) << 2, transfer_syntax=DEFLATED)
+
+
+def _encapsulated_dicom(frame: bytes, transfer_syntax: str, rows: int, cols: int, bits: int):
+    from pydicom.encaps import encapsulate
+
+    data = make_dicom(pixels=np.zeros((rows, cols), np.uint16 if bits > 8 else np.uint8))
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _patch_j2k_size(codestream: bytes, width: int, height: int) -> bytes:
+    assert codestream[:4] == b"\xff\x4f\xff\x51"
+    return codestream[:8] + struct.pack(">II", width, height) + codestream[16:]
+
+
+def _patch_sof(codestream: bytes, marker: int, width: int, height: int) -> bytes:
+    at = codestream.index(bytes([0xFF, marker]))
+    return codestream[: at + 5] + struct.pack(">HH", height, width) + codestream[at + 9 :]
+
+
+def j2k_codestream_bomb(side: int = 40_000, header_side: int = 64) -> bytes:
+    """JPEG 2000 DICOM: the header says 64x64, the codestream's SIZ says side x side."""
+    buf = io.BytesIO()
+    Image.fromarray(radiograph()[:header_side, :header_side]).save(
+        buf, format="JPEG2000", no_jp2=True
+    )
+    frame = _patch_j2k_size(buf.getvalue(), side, side)
+    return _encapsulated_dicom(frame, "1.2.840.10008.1.2.4.90", header_side, header_side, 8)
+
+
+def jpegls_codestream_bomb(side: int = 16_000, header_side: int = 64) -> bytes:
+    """JPEG-LS DICOM whose SOF55 declares side x side behind a 64x64 header."""
+    import jpeg_ls
+
+    frame = bytes(jpeg_ls.encode(np.ascontiguousarray(radiograph()[:header_side, :header_side])))
+    frame = _patch_sof(frame, 0xF7, side, side)
+    return _encapsulated_dicom(frame, "1.2.840.10008.1.2.4.80", header_side, header_side, 8)
+
+
+def jpeg_codestream_bomb(side: int = 16_000, header_side: int = 64) -> bytes:
+    """JPEG Baseline DICOM whose SOF0 declares side x side behind a 64x64 header."""
+    frame = _patch_sof(make_jpeg(radiograph()[:header_side, :header_side]), 0xC0, side, side)
+    return _encapsulated_dicom(frame, "1.2.840.10008.1.2.4.50", header_side, header_side, 8)
+
+
+def png_of_zeros(width: int, height: int, depth: int = 8, colour_type: int = 6) -> bytes:
+    """A valid all-zero PNG of any size, a few hundred KB on the wire however large."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour_type]
+    row = b"\x00" + bytes(width * channels * depth // 8)
+    z = zlib.compressobj(6)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    chunks = (b"IHDR", ihdr), (b"IDAT", idat), (b"IEND", b"")
+    return PNG_SIG + b"".join(_png_chunk(kind, payload) for kind, payload in chunks)
+
+
+def bomb_cases(deflated_mb: int = 512) -> list[Case]:
+    """The decompression and pixel bombs, at a size CI can build in a few seconds."""
+    dicom = {"content-type": "application/dicom"}
+    return [
+        Case("dicom-deflated-bomb", deflated_dicom_bomb(deflated_mb), dicom),
+        Case("dicom-j2k-codestream-40000", j2k_codestream_bomb(40_000), dicom),
+        Case("dicom-j2k-codestream-16000", j2k_codestream_bomb(16_000), dicom),
+        Case("dicom-jpegls-codestream-16000", jpegls_codestream_bomb(16_000), dicom),
+        Case("dicom-jpeg-codestream-16000", jpeg_codestream_bomb(16_000), dicom),
+        # RGBA inside the pixel bound (49 MP) but ~0.5 GB once decoded and composited.
+        Case("png-rgba-49mp", png_of_zeros(7_000, 7_000)),
+    ]

@@ -15,6 +15,7 @@ import httpx
 from conftest import radiograph  # noqa: F401  (re-exported for the serve tests)
 
 KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
+KEY_B = "test-key-hospital-b"  # a second full tenant: isolation tests
 
 
 def free_port() -> int:
@@ -62,6 +63,7 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
     port, metrics_port = free_port(), free_port()
     tenants = [
         {"id": "hospital-a", "key_sha256": hash_key(KEY), "rate_per_s": 1000, "burst": 1000},
+        {"id": "hospital-b", "key_sha256": hash_key(KEY_B), "rate_per_s": 1000, "burst": 1000},
         {
             "id": "viewer",
             "key_sha256": hash_key(VIEWER_KEY),

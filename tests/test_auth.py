@@ -106,3 +106,28 @@ def test_is_loopback():
 def test_tenant_id_is_a_bounded_label():
     with pytest.raises(ValueError):
         TenantConfig(id="Hospital With Spaces And A Very Long Name", key_sha256="0" * 64)
+
+
+def test_every_scope_is_required():
+    a = auth(tenant("viewer", "k-read", scopes=("read", "explain")))
+    assert a.authenticate("k-read", "read", "explain") == "viewer"
+    with pytest.raises(Forbidden):
+        a.authenticate("k-read", "predict", "explain")
+
+
+def test_wrong_keys_from_one_client_get_429_after_a_burst():
+    from serve.auth import BAD_KEY_BURST
+
+    a = auth(tenant("hosp", "k-all"))
+    for _ in range(int(BAD_KEY_BURST)):
+        with pytest.raises(AuthError) as exc:
+            a.authenticate("guess", "predict", client="10.0.0.9")
+        assert exc.value.http_status == 401
+    with pytest.raises(RateLimited) as exc:
+        a.authenticate("guess", "predict", client="10.0.0.9")
+    assert exc.value.http_status == 429 and exc.value.retry_after_s >= 1
+    # Another client and the right key are unaffected.
+    with pytest.raises(AuthError) as exc:
+        a.authenticate("guess", "predict", client="10.0.0.10")
+    assert exc.value.http_status == 401
+    assert a.authenticate("k-all", "predict", client="10.0.0.9") == "hosp"

@@ -257,6 +257,9 @@ def test_viewer_page_and_assets_offline(live_app):
     page = httpx.get(live_app.url + "/", timeout=10)  # no key needed for the page
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    # Never framed by another site (clickjacking): header CSP and X-Frame-Options.
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
     for asset in ("viewer.js", "viewer.css"):
         r = httpx.get(f"{live_app.url}/viewer/{asset}", timeout=10)
         assert r.status_code == 200 and "://" not in r.text

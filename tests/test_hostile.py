@@ -11,13 +11,13 @@ from urllib.parse import urlparse
 import psutil
 import pytest
 from conftest import SHARED
-from hostile import Case, body_cases
+from hostile import Case, body_cases, bomb_cases, deflated_dicom_bomb
 from liveapp import KEY
 
 from bench.faults import own_processes
 
 pytestmark = pytest.mark.serve
-CASES = body_cases()
+CASES = body_cases() + bomb_cases(deflated_mb=256)
 SHARED_BAD = sorted(p for p in (SHARED / "bad-inputs").rglob("*") if p.suffix in {".jpg", ".dcm"})
 
 
@@ -173,6 +173,28 @@ def test_slow_trickled_upload_times_out(live_app, baseline):
     elapsed = time.perf_counter() - started
     assert status == 408 and b"body_timeout" in data
     assert elapsed < timeout_s + 1.0
+
+
+def test_stow_part_bombs_are_refused_without_inflating_in_the_ingress(live_app, baseline):
+    """The ingress reads each STOW part's UIDs: a deflated bomb, typed as DICOM or not."""
+    bomb = deflated_dicom_bomb(256)
+    boundary = "stowbomb"
+    parts = b"".join(
+        f"--{boundary}\r\nContent-Type: {kind}\r\n\r\n".encode() + bomb + b"\r\n"
+        for kind in ("application/dicom", "application/octet-stream")
+    )
+    started = time.perf_counter()
+    r = live_app.client.post(
+        "/dicomweb/studies",
+        content=parts + f"--{boundary}--\r\n".encode(),
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "accept": "application/dicom+json",
+        },
+    )
+    assert r.status_code == 409, r.text[:300]  # PS3.18: none stored
+    assert len(r.json()["00081198"]["Value"]) == 2  # FailedSOPSequence, one per part
+    assert time.perf_counter() - started < 2.0
 
 
 def test_app_stayed_healthy(live_app, baseline):

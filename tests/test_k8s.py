@@ -271,7 +271,11 @@ def test_api_keys_come_from_a_secret_on_the_ingress_pool_only():
         return [e for e in env if "secretKeyRef" in e.get("valueFrom", {})]
 
     by_group = {name: secret_env(g) for name, g in GROUPS}
-    assert [e["name"] for e in by_group["cpu"]] == ["ORTHOVISION_API_KEYS"]
+    # The Ingress pool: API keys and the result store's Redis password, nothing else.
+    assert [e["name"] for e in by_group["cpu"]] == [
+        "ORTHOVISION_API_KEYS",
+        "ORTHOVISION_REDIS_PASSWORD",
+    ]
     assert by_group["head"] == by_group["gpu"] == []
     # Only a reference: no key value is ever written into a rendered manifest.
     for _, group in GROUPS:
@@ -322,3 +326,49 @@ def test_dashboard_shows_what_an_sre_needs_from_metrics_that_exist():
             for metric in re.findall(r"ray_orthovision_([a-z_]+?)(?:_bucket|_sum|_count)?\b",
                                      target["expr"]):  # fmt: skip
                 assert f'"orthovision_{metric}"' in metrics_src, metric
+
+
+def test_http_port_is_open_to_the_ingress_controller_only():
+    (ray_policy,) = [
+        p for p in DOCS["network-policy.yaml"] if p["metadata"]["name"] == "orthovision-ray"
+    ]
+    for rule in ray_policy["spec"]["ingress"]:
+        assert rule.get("from"), f"a rule open to every source: {rule}"
+    http = [
+        r
+        for r in ray_policy["spec"]["ingress"]
+        if {"protocol": "TCP", "port": 8000} in r.get("ports", [])
+    ]
+    (rule,) = http
+    labels = rule["from"][0]["namespaceSelector"]["matchLabels"]
+    assert labels == {"kubernetes.io/metadata.name": "ingress-nginx"}
+
+
+def test_ray_pods_run_restricted():
+    for _, group in GROUPS:
+        spec = group["template"]["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        container = spec["containers"][0]["securityContext"]
+        assert container["readOnlyRootFilesystem"] is True
+        assert container["allowPrivilegeEscalation"] is False
+        assert container["capabilities"] == {"drop": ["ALL"]}
+    # Ray's own token auth on the dashboard (job submission), GCS and client ports.
+    assert CLUSTER["authOptions"] == {"mode": "token"}
+
+
+def test_redis_requires_a_password_from_a_secret():
+    (sts,) = [d for d in DOCS["redis.yaml"] if d["kind"] == "StatefulSet"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--protected-mode") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert (
+        env["REDIS_PASSWORD"]
+        == env["REDISCLI_AUTH"]
+        == {"name": "orthovision-redis", "key": "password"}
+    )
+    gcs = CLUSTER["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]
+    assert gcs == {"name": "orthovision-redis", "key": "password"}

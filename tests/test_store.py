@@ -49,10 +49,13 @@ def _free_port() -> int:
 class RedisServer:
     """A throw-away redis-server process in its own directory."""
 
-    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
+    def __init__(
+        self, workdir: Path, *, persistent: bool = False, password: str | None = None
+    ) -> None:
         self.dir = workdir
         self.port = _free_port()
         self.persistent = persistent
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,10 +67,14 @@ class RedisServer:
         args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += ["--save", ""]
         args += ["--appendonly", "yes" if self.persistent else "no"]
+        if self.password:
+            args += ["--requirepass", self.password, "--protected-mode", "yes"]
         self.proc = subprocess.Popen(
             args, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5)
+        client = redis.Redis(
+            port=self.port, password=self.password, socket_connect_timeout=0.2, socket_timeout=0.5
+        )
         deadline = time.monotonic() + 10
         try:
             while True:
@@ -497,3 +504,62 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         with pytest.raises(ValueError) as err:
             open_store(bad)
         assert "s3cret" not in str(err.value)
+
+
+def test_sqlite_store_is_private_to_its_user(tmp_path):
+    import stat
+
+    from serve.store import SQLiteStore
+
+    path = tmp_path / "fresh" / "store.sqlite3"
+    store = SQLiteStore(path)
+    asyncio.run(store.put_records([("r1", {"label": "fracture"})]))
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    for f in path.parent.iterdir():  # the database and its -wal / -shm
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f.name
+    asyncio.run(store.close())
+
+
+def test_sqlite_store_refuses_a_directory_others_can_write(tmp_path):
+    from serve.store import SQLiteStore, UnsafeStoreDirectory
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeStoreDirectory):
+        SQLiteStore(shared / "store.sqlite3")
+
+
+def test_sqlite_store_refuses_a_directory_of_another_user(tmp_path, monkeypatch):
+    import os
+
+    from serve.store import SQLiteStore, UnsafeStoreDirectory
+
+    monkeypatch.setattr(os, "getuid", lambda: 12345)  # as if another user had made it
+    with pytest.raises(UnsafeStoreDirectory):
+        SQLiteStore(tmp_path / "theirs" / "store.sqlite3")
+
+
+def test_redis_store_takes_its_password_from_the_environment(tmp_path, monkeypatch):
+    """As in Kubernetes: requirepass from a Secret, the URL without it."""
+    from serve.store import REDIS_PASSWORD_ENV, RedisStore, StoreUnavailable
+
+    if REDIS_BIN is None:
+        pytest.skip("redis-server not installed (.ci/run installs it)")
+    server = RedisServer(tmp_path, password="s3cret-from-secret")
+    server.start()
+    try:
+        monkeypatch.delenv(REDIS_PASSWORD_ENV, raising=False)
+        anonymous = RedisStore(server.url)
+        with pytest.raises((StoreUnavailable, redis.exceptions.AuthenticationError)):
+            asyncio.run(anonymous.put_records([("r1", {"label": "fracture"})]))
+        monkeypatch.setenv(REDIS_PASSWORD_ENV, "s3cret-from-secret")
+        store = RedisStore(server.url)
+
+        async def roundtrip() -> dict | None:
+            await store.put_records([("r1", {"label": "fracture"})])
+            return await store.get_record("r1")
+
+        assert asyncio.run(roundtrip()) == {"label": "fracture"}
+    finally:
+        server.stop()

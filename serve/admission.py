@@ -1,0 +1,65 @@
+"""Admission control per ingress replica, fair between tenants.
+
+Two bounds, both answered at once with a JSON 503 + Retry-After (never a queue):
+- uploads in progress per tenant (`admission_max_uploads_per_tenant`): a tenant's slow or
+  stalled uploads cost only its own budget;
+- compute slots (`admission_max_inflight`), taken only once the body has arrived, shared
+  fairly: with n tenants active, each may hold limit // n, and a lone tenant never takes
+  the last slot, so a newcomer is always admitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+
+
+class Overloaded(Exception):
+    """This ingress replica (or this tenant's share of it) is at its admission limit."""
+
+
+class Admission:
+    def __init__(self, max_inflight: int, max_uploads_per_tenant: int) -> None:
+        self.max_inflight = max_inflight
+        self.max_uploads = max_uploads_per_tenant
+        self.inflight: Counter[str] = Counter()
+        self.uploads: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.inflight.values())
+
+    def share(self, tenant: str) -> int:
+        """The slots `tenant` may hold now."""
+        active = len({t for t, n in self.inflight.items() if n > 0} | {tenant})
+        cap = max(1, self.max_inflight // active)
+        if active == 1 and self.max_inflight > 1:
+            cap = self.max_inflight - 1  # keep one for whoever comes next
+        return cap
+
+    @contextlib.asynccontextmanager
+    async def upload(self, tenant: str) -> AsyncIterator[None]:
+        if self.uploads[tenant] >= self.max_uploads:
+            raise Overloaded()
+        self.uploads[tenant] += 1
+        try:
+            yield
+        finally:
+            self._release(self.uploads, tenant)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        if self.total >= self.max_inflight or self.inflight[tenant] >= self.share(tenant):
+            raise Overloaded()
+        self.inflight[tenant] += 1
+        try:
+            yield
+        finally:
+            self._release(self.inflight, tenant)
+
+    @staticmethod
+    def _release(counts: Counter[str], tenant: str) -> None:
+        counts[tenant] -= 1
+        if counts[tenant] <= 0:
+            del counts[tenant]  # bounded: only tenants with work in progress are kept

@@ -1,0 +1,80 @@
+"""`orthovision serve` as an operator runs it, with API keys on: it must start, answer
+with a key, refuse without one, and stop cleanly on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import yaml
+from liveapp import free_port
+
+from orthovision.checkpoint import save_checkpoint
+from orthovision.config import ModelConfig, OrthoVisionConfig
+from orthovision.models import build_ensemble
+
+pytestmark = pytest.mark.serve
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (
+    {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
+    {"name": "resnet18", "timm_name": "test_resnet"},
+)
+
+
+def test_serve_command_starts_with_auth_on(tmp_path):
+    torch.manual_seed(0)
+    model = ModelConfig(backbones=TINY)
+    ckpt = save_checkpoint(
+        build_ensemble(model),
+        OrthoVisionConfig(model=model),
+        tmp_path / "ckpt",
+        validated_classes=["fracture", "non-affected"],
+        trained=False,
+    )
+    doc = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    config = doc["applications"][0]["args"]["config"]
+    port = free_port()
+    config["model"]["backbones"] = [dict(b) for b in TINY]
+    config["serve"].update(
+        port=port, checkpoint=str(ckpt), store_url=f"sqlite:///{tmp_path / 'store' / 'db'}"
+    )
+    config["serve"].setdefault("security", {})["auth"] = "api-key"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "ORTHOVISION_API_KEYS": "clinic=serve-test-key"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orthovision.cli", "serve", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "is ready at" in line:
+                break
+        assert any("is ready at" in line for line in lines), "".join(lines)[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/model", timeout=10).status_code == 401
+        r = httpx.get(f"{url}/v1/model", headers={"X-API-Key": "serve-test-key"}, timeout=10)
+        assert r.status_code == 200 and r.json()["classes"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, (out or "")[-3000:]
