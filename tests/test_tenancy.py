@@ -125,8 +125,9 @@ def test_slow_uploads_of_one_tenant_do_not_shut_out_another(live_app):
     for t in slow:
         t.start()
     time.sleep(0.3)  # every slow upload is in progress
-    loaded, codes = timed_run(15)
+    # While they are all in progress (they end with a 408 at the body deadline).
+    loaded, codes = timed_run(max(5, int((live_app.cfg.serve.body_timeout_s - 0.8) / 0.1)))
     for t in slow:
         t.join()
     assert set(codes) == {200}, codes
-    assert _p99(loaded) < 2 * _p99(unloaded), (_p99(loaded), _p99(unloaded))
+    assert _p99(loaded) < 2 * _p99(unloaded), (sorted(loaded), sorted(unloaded))

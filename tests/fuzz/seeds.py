@@ -12,7 +12,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests/: conftest helpers and the hostile corpus
 
 from conftest import gradient, make_dicom, make_jpeg, make_png  # noqa: E402
-from hostile import body_cases  # noqa: E402
+from hostile import (  # noqa: E402
+    body_cases,
+    deflated_dicom_bomb,
+    deflated_dicom_small,
+    j2k_codestream_bomb,
+    jpeg_codestream_bomb,
+    jpegls_codestream_bomb,
+)
 
 
 def seeds() -> list[bytes]:
@@ -32,6 +39,14 @@ def seeds() -> list[bytes]:
         make_dicom(pixels=np.stack([gradient(16, 16, np.uint16) >> 4] * 3)),
     ]
     out += [c.body for c in body_cases() if 0 < len(c.body) <= 200_000]
+    # The bomb classes (small on the wire): the fuzzer mutates around each bound.
+    out += [
+        deflated_dicom_small(),
+        deflated_dicom_bomb(8),
+        j2k_codestream_bomb(40_000, 32),
+        jpeg_codestream_bomb(16_000, 32),
+        jpegls_codestream_bomb(16_000, 32),
+    ]
     return out
 
 
