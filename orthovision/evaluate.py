@@ -428,6 +428,22 @@ def compute_report(
     return EvaluationReport(classes, image, group, ablation, reject, curves)
 
 
+def at_threshold(positive: np.ndarray, scores: np.ndarray, op: Mapping) -> dict:
+    """Sensitivity and specificity of the card's operating point (threshold chosen on the
+    validation split) on these data."""
+    called = scores >= float(op["threshold"])
+    return {
+        "class": op.get("class"),
+        "threshold": float(op["threshold"]),
+        "chosen_on": op.get("chosen_on"),
+        "target_sensitivity": op.get("target_sensitivity"),
+        "sensitivity": float(called[positive].mean()),
+        "specificity": float((~called[~positive]).mean()),
+        "n_positive": int(positive.sum()),
+        "n_negative": int((~positive).sum()),
+    }
+
+
 def operating_point(y_true: np.ndarray, scores: np.ndarray, min_specificity: float = 0.85) -> dict:
     """Highest sensitivity at specificity >= `min_specificity` (a ROC operating point)."""
     fpr, tpr, thr = roc_curve(y_true, scores)
@@ -682,6 +698,9 @@ def evaluate_checkpoint(
         pos = y_true == k
         if pos.any() and not pos.all():
             report.extra["fracture_operating_point"] = operating_point(pos, probs[:, k], 0.85)
+            op = card.get("operating_point")
+            if op and op.get("class") == "fracture":
+                report.extra["card_operating_point"] = at_threshold(pos, probs[:, k], op)
     report.extra.update(
         {
             "checkpoint": str(checkpoint),

@@ -128,7 +128,8 @@ def assemble_prediction(
         for n, lg in zip(names, logits, strict=True)
     }
     validated = list(card.get("validated_classes", []))
-    decision = decide(fused, validated, fusion_cfg.abstain_threshold, classes)
+    operating_point = card.get("operating_point")
+    decision = decide(fused, validated, fusion_cfg.abstain_threshold, classes, operating_point)
     return Prediction(
         request_id=request_id,
         label=decision.label,
@@ -138,6 +139,7 @@ def assemble_prediction(
         branches=branches,
         fusion_weights=dict(fusion_weights),
         validated_classes=validated,
+        decision_threshold=(operating_point or {}).get("threshold"),
         quality=prepared.quality,
         input=prepared.input_info,
         model=model_info(card),

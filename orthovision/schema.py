@@ -54,6 +54,11 @@ class Prediction(BaseModel):
     branches: dict[str, dict[str, float]] = Field(description="per-backbone probabilities")
     fusion_weights: dict[str, float]
     validated_classes: list[str]
+    decision_threshold: float | None = Field(
+        None,
+        description="fracture is the label when its probability reaches this (the card's "
+        "operating point, chosen on validation for sensitivity >= 0.90); null: top class",
+    )
     quality: QualityOut
     input: InputInfo
     model: ModelInfo

@@ -44,6 +44,7 @@ from orthovision.data import (
     write_split_csv,
 )
 from orthovision.evaluate import (
+    at_threshold,
     compute_report,
     fused_probabilities,
     predict_logits,
@@ -565,6 +566,13 @@ def train(
             seed=tc.seed,
         )
         metrics = {"split": "test", **report.card_metrics()}
+        if operating_point is not None:
+            k = classes.index("fracture")
+            test_y = np.asarray(data.targets("test"), dtype=np.int64)
+            test_p = fused_probabilities(
+                test_logits, stored_model.fusion_weights.numpy(), float(stored_model.temperature)
+            )
+            metrics["operating_point"] = at_threshold(test_y == k, test_p[:, k], operating_point)
     # The card has no slot for the training record; add it beside the others (the card's
     # integrity check covers the weights, not the card text).
     card_path = out_dir / CARD_FILE

@@ -118,6 +118,9 @@ def test_recipe_options_train_select_by_auc_and_set_an_operating_point(tmp_path:
     op = card["operating_point"]
     assert op["class"] == "fracture" and op["chosen_on"] == "val"
     assert op["val_sensitivity"] >= 0.90 and 0 <= op["threshold"] <= 1
+    # Reported on the held-out test split at the validation threshold.
+    test_op = card["metrics"]["operating_point"]
+    assert test_op["threshold"] == op["threshold"] and 0 <= test_op["specificity"] <= 1
 
 
 def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
