@@ -173,6 +173,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fit_ood(args: argparse.Namespace) -> int:
+    from orthovision.ood_eval import fit_checkpoint_ood
+
+    section = fit_checkpoint_ood(args.checkpoint, args.data)
+    _out(json.dumps(section, indent=1))
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from orthovision.report import comparison_table
     from orthovision.train import PAPER_BACKBONES, compare_backbones
@@ -277,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=3")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "fit-ood",
+        help="fit a trained checkpoint's out-of-distribution detector (train split features, "
+        "validation threshold) and write it beside the weights",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="the dataset it was trained on")
+    p.set_defaults(func=cmd_fit_ood)
 
     p = sub.add_parser("evaluate", help="metrics, plots and report of a checkpoint on a dataset")
     p.add_argument("--checkpoint", type=Path, default=default_checkpoint())

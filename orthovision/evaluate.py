@@ -623,6 +623,36 @@ def markdown_report(report: EvaluationReport, title: str, context: Mapping | Non
 # Checkpoint on a dataset folder
 
 
+def split_samples(ckpt, data_path: Path | str, split: str, cache_dir=None, progress=False):
+    """(samples, uint8 pixels, cleaning report) of a dataset folder, through the serving
+    pipeline and the pixel cache; `split` "all" or one recorded in the checkpoint's
+    splits.csv (by sha256), so the held-out images stay the held-out ones."""
+    from orthovision.config import OrthoVisionConfig
+    from orthovision.data import (
+        PixelCache,
+        clean_and_cache,
+        detect_source,
+        iter_source,
+        read_split_csv,
+    )
+
+    cfg = OrthoVisionConfig.model_validate(
+        {"model": ckpt.config.model.model_dump(), "preprocess": ckpt.config.preprocess.model_dump()}
+    )
+    samples = list(iter_source(detect_source(data_path)))
+    cache_root = cache_dir if cache_dir is not None else cfg.train.cache_dir
+    cache = PixelCache(cache_root or None, cfg.preprocess.param_hash())
+    kept, pixels, cleaning = clean_and_cache(samples, cfg, cache, progress=progress)
+    if split != "all":
+        split_file = Path(ckpt.path) / "splits.csv"
+        if not split_file.is_file():
+            raise FileNotFoundError(f"{split_file} not found: cannot select split {split!r}")
+        membership = read_split_csv(split_file)
+        idx = [i for i, s in enumerate(kept) if membership.get(s.sha256) == split]
+        kept, pixels = [kept[i] for i in idx], pixels[idx]
+    return kept, pixels, cleaning
+
+
 def evaluate_checkpoint(
     checkpoint: Path | str,
     data_path: Path | str,
@@ -640,32 +670,11 @@ def evaluate_checkpoint(
     checkpoint's splits.csv (by sha256), so the held-out images stay the held-out ones.
     """
     from orthovision.checkpoint import load_checkpoint
-    from orthovision.config import OrthoVisionConfig
-    from orthovision.data import (
-        PixelCache,
-        clean_and_cache,
-        detect_source,
-        iter_source,
-        read_split_csv,
-    )
+    from orthovision.ood import load_for_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     card = ckpt.card
-    cfg = OrthoVisionConfig.model_validate(
-        {"model": ckpt.config.model.model_dump(), "preprocess": ckpt.config.preprocess.model_dump()}
-    )
-    source = detect_source(data_path)
-    samples = list(iter_source(source))
-    cache_root = cache_dir if cache_dir is not None else cfg.train.cache_dir
-    cache = PixelCache(cache_root or None, cfg.preprocess.param_hash())
-    kept, pixels, cleaning = clean_and_cache(samples, cfg, cache, progress=progress)
-    if split != "all":
-        split_file = Path(checkpoint) / "splits.csv"
-        if not split_file.is_file():
-            raise FileNotFoundError(f"{split_file} not found: cannot select split {split!r}")
-        membership = read_split_csv(split_file)
-        idx = [i for i, s in enumerate(kept) if membership.get(s.sha256) == split]
-        kept, pixels = [kept[i] for i in idx], pixels[idx]
+    kept, pixels, cleaning = split_samples(ckpt, data_path, split, cache_dir, progress)
     classes = list(ckpt.config.model.classes)
     unknown = {s.label for s in kept} - set(classes)
     if unknown:
@@ -701,6 +710,15 @@ def evaluate_checkpoint(
             op = card.get("operating_point")
             if op and op.get("class") == "fracture":
                 report.extra["card_operating_point"] = at_threshold(pos, probs[:, k], op)
+    detector = load_for_checkpoint(checkpoint, card)
+    if detector is not None:
+        from orthovision.ood_eval import ood_report
+        from orthovision.pipeline import LocalPredictor
+
+        local = LocalPredictor(ckpt)
+        report.extra["ood"] = ood_report(
+            model, detector, card["ood"]["threshold"], pixels, lambda b: local.prepare(b).pixels
+        )
     report.extra.update(
         {
             "checkpoint": str(checkpoint),

@@ -40,6 +40,9 @@ class Decision:
     reason: str | None
     top_class: str
     top_probability: float
+    # Why it abstained, for machines: out_of_scope, out_of_distribution, unvalidated_class,
+    # low_confidence (None when it did not).
+    code: str | None = None
 
 
 def decide(
@@ -64,7 +67,7 @@ def decide(
     top_class, top_p = classes[top], float(probabilities[top])
     if top_class not in validated_classes:
         reason = f"top class {top_class!r} is not validated for this model"
-        return Decision(None, True, reason, top_class, top_p)
+        return Decision(None, True, reason, top_class, top_p, "unvalidated_class")
     op_class = (operating_point or {}).get("class")
     if op_class in validated_classes and op_class in classes:
         k = list(classes).index(op_class)
@@ -75,10 +78,10 @@ def decide(
         top_class, top_p = classes[top], float(probabilities[top])
         if top_class not in validated_classes:
             reason = f"top class {top_class!r} is not validated for this model"
-            return Decision(None, True, reason, top_class, top_p)
+            return Decision(None, True, reason, top_class, top_p, "unvalidated_class")
     if top_p < abstain_threshold:
         # Truncated, not rounded: 0.4996 must not read "0.500 below 0.500".
         shown = math.floor(top_p * 1000) / 1000
         reason = f"confidence {shown:.3f} is below the abstain threshold {abstain_threshold:.3f}"
-        return Decision(None, True, reason, top_class, top_p)
+        return Decision(None, True, reason, top_class, top_p, "low_confidence")
     return Decision(top_class, False, None, top_class, top_p)

@@ -6,6 +6,7 @@ benchmark baseline run them in one process through LocalPredictor.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,11 +17,13 @@ import torch
 from orthovision.checkpoint import Checkpoint
 from orthovision.config import FusionConfig, OrthoVisionConfig
 from orthovision.errors import InputError
-from orthovision.fusion import decide, fuse_logits
+from orthovision.fusion import Decision, decide, fuse_logits
 from orthovision.io import DecodedImage, decode_radiograph
+from orthovision.ood import branch_features, load_for_checkpoint
 from orthovision.preprocess import Preprocessor
 from orthovision.quality import assess_quality
 from orthovision.schema import Prediction
+from orthovision.scope import out_of_scope
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,32 @@ def model_info(card: Mapping) -> dict:
     }
 
 
+def safety_gate(
+    decision: Decision, prepared: Prepared, card: Mapping, ood_score: float | None
+) -> Decision:
+    """Abstain, whatever the probabilities say, on anatomy outside the card's scope (DICOM
+    header) and on images far from the training data (OOD score over the card's
+    threshold). The probabilities stay in the result, marked by the abstention."""
+    description = (prepared.dicom_source or {}).get("StudyDescription")
+    part = out_of_scope(prepared.input_info.get("body_part"), card, description)
+    if part is not None:
+        reason = (
+            f"out_of_scope: body part {part} is outside this model's training data "
+            f"({(card.get('scope') or {}).get('anatomy', 'see the model card')})"
+        )
+        return replace(decision, label=None, abstained=True, reason=reason, code="out_of_scope")
+    threshold = (card.get("ood") or {}).get("threshold")
+    if threshold is not None and ood_score is not None and ood_score > threshold:
+        reason = (
+            f"out_of_distribution: the image is far from the training data "
+            f"(OOD score {ood_score:.2f} > {threshold:.2f})"
+        )
+        return replace(
+            decision, label=None, abstained=True, reason=reason, code="out_of_distribution"
+        )
+    return decision
+
+
 def assemble_prediction(
     request_id: str,
     prepared: Prepared,
@@ -114,8 +143,10 @@ def assemble_prediction(
     card: Mapping,
     fusion_cfg: FusionConfig,
     explanation_url: str | None = None,
+    ood_score: float | None = None,
 ) -> Prediction:
-    """Fuse one image's branch logits (C,) into the v1 result, applying the decision rule."""
+    """Fuse one image's branch logits (C,) into the v1 result, applying the decision rule
+    and the safety gate (scope from the header, OOD score from the features)."""
     classes = list(card["classes"])
     names = list(branch_logits)
     logits = [
@@ -130,11 +161,14 @@ def assemble_prediction(
     validated = list(card.get("validated_classes", []))
     operating_point = card.get("operating_point")
     decision = decide(fused, validated, fusion_cfg.abstain_threshold, classes, operating_point)
+    decision = safety_gate(decision, prepared, card, ood_score)
     return Prediction(
         request_id=request_id,
         label=decision.label,
         abstained=decision.abstained,
         abstain_reason=decision.reason,
+        abstain_code=decision.code,
+        ood_score=None if ood_score is None or not math.isfinite(ood_score) else ood_score,
         probabilities=dict(zip(classes, fused, strict=True)),
         branches=branches,
         fusion_weights=dict(fusion_weights),
@@ -156,6 +190,7 @@ class LocalPredictor:
         self.fusion_cfg = fusion_cfg or self.cfg.fusion
         self.preprocessor = Preprocessor(self.cfg.preprocess)
         self.model = checkpoint.model.eval()
+        self.ood = load_for_checkpoint(checkpoint.path, checkpoint.card)
 
     @property
     def temperature(self) -> float:
@@ -166,17 +201,23 @@ class LocalPredictor:
 
     @torch.inference_mode()
     def predict_prepared(self, prepared: Prepared, request_id: str | None = None) -> Prediction:
-        out = self.model(torch.from_numpy(prepared.pixels)[None])
+        x = torch.from_numpy(prepared.pixels)[None]
+        names = list(self.model.branch_names)
+        features, logits = {}, {}
+        for n in names:
+            feats, lg = branch_features(self.model.branches[n], self.model.branch_input(n, x))
+            features[n], logits[n] = feats.float().numpy(), lg[0]
+        ood_score = float(self.ood.score(features)[0]) if self.ood is not None else None
         weights = self.model.fusion_weights.tolist()
-        names = list(out.branch_logits)
         return assemble_prediction(
             request_id or uuid.uuid4().hex,
             prepared,
-            {n: out.branch_logits[n][0] for n in names},
+            logits,
             dict(zip(names, weights, strict=True)),
             self.temperature,
             self.checkpoint.card,
             self.fusion_cfg,
+            ood_score=ood_score,
         )
 
     def predict(self, data: bytes, request_id: str | None = None) -> tuple[Prediction, Prepared]:

@@ -50,6 +50,15 @@ class Prediction(BaseModel):
     label: str | None = Field(description="predicted class; null when the model abstains")
     abstained: bool
     abstain_reason: str | None = None
+    abstain_code: str | None = Field(
+        None,
+        description="out_of_scope | out_of_distribution | unvalidated_class | low_confidence",
+    )
+    ood_score: float | None = Field(
+        None,
+        description="feature-space distance from the training data (about 1 in distribution); "
+        "above the card's ood.threshold the model abstains (out_of_distribution)",
+    )
     probabilities: dict[str, float] = Field(description="calibrated fused probabilities")
     branches: dict[str, dict[str, float]] = Field(description="per-backbone probabilities")
     fusion_weights: dict[str, float]

@@ -52,6 +52,8 @@ from orthovision.evaluate import (
 )
 from orthovision.fusion import fusion_weights_from_params
 from orthovision.models import Ensemble, build_ensemble
+from orthovision.ood import fit_for_checkpoint
+from orthovision.ood_eval import scope_for
 
 log = logging.getLogger(__name__)
 
@@ -580,6 +582,15 @@ def train(
     card["training"] = training
     if operating_point is not None:
         card["operating_point"] = operating_point
+    # "Not for me": the OOD detector on this model's features (orthovision/ood.py).
+    card["ood"] = fit_for_checkpoint(
+        model,
+        data.pixels[data.indices("train")],
+        np.asarray(train_targets),
+        data.pixels[val_idx],
+        out_dir,
+    )
+    card["scope"] = scope_for(card)
     card["metrics"] = metrics
     card["notes"] = card_notes(cfg, validated)
     card_path.write_text(json.dumps(card, indent=2) + "\n")

@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from orthovision.checkpoint import load_checkpoint
+from orthovision.ood import branch_features, load_for_checkpoint
 from orthovision.pipeline import PreparedBatch
 from orthovision.preprocess import to_model_input
 from serve.metrics import metrics
@@ -62,6 +63,9 @@ class Backbone:
         if self.onnx is None:
             model = ckpt.model.branches[branch].to(self.device, self.dtype)
             self.model = model.to(memory_format=torch.channels_last).eval()
+        # This branch's part of the OOD detector (the Fusion adds the branches' scores).
+        detector = load_for_checkpoint(checkpoint_path(cfg), ckpt.card, [branch])
+        self.ood = detector.branches[branch] if detector is not None else None
         del ckpt  # the other branch and the fusion weights are not this replica's
         self.forwards = forward_thread(niceness, f"forward-{branch}")
         self.reconfigure(cfg.serve.batch.model_dump())
@@ -83,6 +87,8 @@ class Backbone:
 
     @torch.inference_mode()
     def _infer(self, batch_uint8: np.ndarray) -> np.ndarray:
+        """(N, C + 1): the C logits, then this branch's OOD score (NaN without a detector or
+        on the ONNX engine, which exports logits only)."""
         x = to_model_input(
             torch.from_numpy(batch_uint8),
             self.mean,
@@ -92,8 +98,12 @@ class Backbone:
             channels_last=self.channels_last,
         )
         if self.onnx is not None:
-            return self.onnx(x)
-        return self.model(x).float().cpu().numpy()
+            logits = self.onnx(x)
+            return np.concatenate([logits, np.full((len(logits), 1), np.nan, np.float32)], 1)
+        feats, logits = branch_features(self.model, x)
+        feats, logits = feats.float().cpu().numpy(), logits.float().cpu().numpy()
+        score = self.ood.score(feats) if self.ood is not None else np.full(len(feats), np.nan)
+        return np.concatenate([logits, score[:, None].astype(np.float32)], 1)
 
     async def info(self) -> dict:
         return {
@@ -105,7 +115,8 @@ class Backbone:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def __call__(self, batches: list[PreparedBatch]) -> list[np.ndarray]:
-        """Logits (V, C) for each call's valid images, rows in order. Calls that arrive
+        """Rows (V, C + 1) for each call's valid images, in order: logits, then the OOD
+        score (see _infer). Calls that arrive
         together (from every ingress replica) share forwards of up to max_batch_size
         images; a call's rejected items were left out by the Preprocessor."""
         pixels = np.concatenate([b.pixels for b in batches])

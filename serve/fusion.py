@@ -45,7 +45,10 @@ class Fusion:
                 results.append(item.to_result())
         return results
 
-    def _result(self, request_id: str, prepared: Prepared, logits: list[np.ndarray]) -> dict:
+    def _result(self, request_id: str, prepared: Prepared, rows: list[np.ndarray]) -> dict:
+        # Each backbone row: C logits, then its branch's OOD score (NaN: none).
+        logits = [row[:-1] for row in rows]
+        ood = float(sum(row[-1] for row in rows))
         prediction = assemble_prediction(
             request_id,
             prepared,
@@ -54,6 +57,7 @@ class Fusion:
             self.temperature,
             self.card,
             self.fusion_cfg,
+            ood_score=ood if np.isfinite(ood) else None,
         )
         metrics().predictions.inc(tags={"label": prediction.label or "abstained"})
         result = prediction.model_dump(mode="json")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from conftest import radiograph  # noqa: F401  (re-exported for the serve tests)
+from conftest import make_png, radiograph  # noqa: F401  (radiograph: for the serve tests)
 
 KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
 KEY_B = "test-key-hospital-b"  # a second full tenant: isolation tests
@@ -41,6 +41,30 @@ class LiveApp:
     metrics_port: int
     cfg: object  # OrthoVisionConfig
     tmp: Path
+
+
+def add_ood_detector(ckpt_dir: Path, threshold: float) -> None:
+    """Fit an OOD detector on synthetic radiographs and write it into a checkpoint's card."""
+    import json
+
+    import numpy as np
+
+    from orthovision.checkpoint import CARD_FILE, load_checkpoint
+    from orthovision.ood import OODDetector, ensemble_features
+    from orthovision.pipeline import LocalPredictor
+
+    local = LocalPredictor(load_checkpoint(ckpt_dir))
+    pixels = np.stack([local.prepare(make_png(radiograph(seed=s))).pixels for s in range(24)])
+    detector = OODDetector.fit(ensemble_features(local.model, pixels), np.arange(24) % 2)
+    sha = detector.save(ckpt_dir / "ood.safetensors")
+    card = json.loads((ckpt_dir / CARD_FILE).read_text())
+    card["ood"] = {
+        "method": "test",
+        "file": "ood.safetensors",
+        "sha256": sha,
+        "threshold": threshold,
+    }
+    (ckpt_dir / CARD_FILE).write_text(json.dumps(card))
 
 
 def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
@@ -93,6 +117,7 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
         validated_classes=["fracture", "non-affected"],
         trained=False,
     )
+    add_ood_detector(tmp / "ckpt", threshold=1e9)  # scored end to end, never abstains
     ray.init(
         num_cpus=4,
         include_dashboard=False,
