@@ -80,6 +80,8 @@ class ClusterSpec(BaseModel):
     slo_p99_latency_ms: float = 2000.0
     # Alert when a handle's queue is this fraction of max_queued_requests (503s follow).
     queue_alert_fraction: float = 0.5
+    # The served checkpoint card's `drift_baseline` (validation split): drift alert levels.
+    drift_baseline: dict | None = None
 
 
 def ray_version() -> str:
@@ -554,7 +556,70 @@ def alert_rules(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
                     },
                 }
             )
-    return rules
+    return rules + drift_rules(spec.drift_baseline)
+
+
+DRIFT_FLOOR = 0.001  # a label never seen in a window counts as 0.1% (PSI needs no zeros)
+
+
+def drift_rules(baseline: dict | None) -> list[dict]:
+    """Per-tenant drift alerts against the checkpoint card's validation baseline: abstention
+    and OOD rates several times the baseline for 30 min; the label mix shifted by a
+    population stability index above 0.2 over a day."""
+    if not baseline:
+        return []
+    rate = "sum by (tenant) (rate(ray_orthovision_{}[30m]))"
+    results = rate.format("results_total")
+    abstain = max(3 * baseline["abstain_rate"], 0.05)
+    ood = max(3 * baseline["ood_abstain_rate"], 0.05)
+    day = "sum by (tenant) (increase(ray_orthovision_results_total{}[1d]))"
+    total = day.format("")
+    terms = []
+    for label, q in baseline["label_mix"].items():
+        q = max(q, DRIFT_FLOOR)
+        p = f"clamp_min({day.format('{label=' + json.dumps(label) + '}')} / {total}, {DRIFT_FLOOR})"
+        terms.append(f"(({p} - {q:.4f}) * ln({p} / {q:.4f}))")
+    runbook = "docs/SAFETY.md#drift"
+    return [
+        {
+            "alert": "OrthoVisionAbstentionRateHigh",
+            "expr": f"{rate.format('abstentions_total')} / {results} > {abstain:.4f}",
+            "for": "30m",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "{{ $labels.tenant }}: abstains on more than "
+                f"{abstain:.0%} of images (validation: {baseline['abstain_rate']:.1%})",
+                "runbook": runbook,
+            },
+        },
+        {
+            "alert": "OrthoVisionOutOfDistributionRateHigh",
+            "expr": (
+                "sum by (tenant) (rate(ray_orthovision_abstentions_total"
+                '{reason="out_of_distribution"}[30m])) / '
+                f"{results} > {ood:.4f}"
+            ),
+            "for": "30m",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "{{ $labels.tenant }}: more than "
+                f"{ood:.0%} of images are out of distribution "
+                f"(validation: {baseline['ood_abstain_rate']:.1%})",
+                "runbook": runbook,
+            },
+        },
+        {
+            "alert": "OrthoVisionLabelMixShift",
+            "expr": " + ".join(terms) + " > 0.2",
+            "for": "1h",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": "{{ $labels.tenant }}: predicted-label mix over a day differs from "
+                "validation (population stability index > 0.2)",
+                "runbook": runbook,
+            },
+        },
+    ]
 
 
 def monitoring(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
@@ -669,6 +734,43 @@ def grafana_dashboard(cfg: OrthoVisionConfig) -> dict:
             ],
             "none",
         ),
+        # Drift (docs/SAFETY.md): per tenant, against the card's validation baseline.
+        (
+            "Drift: abstention rate by tenant and reason",
+            [
+                "sum by (tenant, reason) (rate(ray_orthovision_abstentions_total[30m])) / "
+                "ignoring(reason) group_left sum by (tenant) "
+                "(rate(ray_orthovision_results_total[30m]))"
+            ],
+            "percentunit",
+        ),
+        (
+            "Drift: OOD score p50 / p95 by tenant",
+            [
+                f"histogram_quantile({q}, sum by (le, tenant) "
+                "(rate(ray_orthovision_ood_score_bucket[30m])))"
+                for q in (0.5, 0.95)
+            ],
+            "none",
+        ),
+        (
+            "Drift: predicted-label mix by tenant",
+            [
+                "sum by (tenant, label) (rate(ray_orthovision_results_total[1h])) / "
+                "ignoring(label) group_left sum by (tenant) "
+                "(rate(ray_orthovision_results_total[1h]))"
+            ],
+            "percentunit",
+        ),
+        (
+            "Drift: mean top probability and quality findings (/s) by tenant",
+            [
+                "sum by (tenant) (rate(ray_orthovision_top_probability_sum[30m])) / "
+                "sum by (tenant) (rate(ray_orthovision_top_probability_count[30m]))",
+                "sum by (tenant, check) (rate(ray_orthovision_quality_findings_total[30m]))",
+            ],
+            "none",
+        ),
     ]
     panels = []
     for i, (title, exprs, unit) in enumerate(panels_spec):
@@ -731,11 +833,23 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str)
 
 
+def served_drift_baseline(cfg: OrthoVisionConfig) -> dict | None:
+    """The drift baseline of the checkpoint the config serves (None: none recorded)."""
+    from orthovision.checkpoint import CheckpointError, read_card
+
+    path = Path(cfg.serve.checkpoint)
+    path = path if path.is_absolute() else Path(__file__).resolve().parents[1] / path
+    try:
+        return read_card(path).get("drift_baseline")
+    except CheckpointError:
+        return None
+
+
 def render_texts(
     cfg: OrthoVisionConfig | None = None, spec: ClusterSpec | None = None
 ) -> dict[str, str]:
     cfg = cfg or preset("gpu")
-    spec = spec or ClusterSpec()
+    spec = spec or ClusterSpec(drift_baseline=served_drift_baseline(cfg))
     texts = {
         name: HEADER + yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False)
         for name, objs in manifests(cfg, spec).items()

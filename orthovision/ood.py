@@ -154,6 +154,8 @@ def fit_for_checkpoint(
             "p95": float(np.quantile(val_scores, 0.95)),
             "abstain_rate": float(np.mean(val_scores > threshold)),
         },
+        # Not written to the card (the drift baseline is built from them).
+        "_val_scores": val_scores,
     }
 
 

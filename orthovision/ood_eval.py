@@ -182,27 +182,73 @@ def scope_for(card: dict) -> dict:
     }
 
 
+def attach_safety(
+    card: dict,
+    model,
+    train_px: np.ndarray,
+    train_labels: np.ndarray,
+    val_px: np.ndarray,
+    out_dir: Path,
+) -> dict:
+    """Fit the OOD detector (train split features, validation threshold), write it beside
+    the weights, and add `ood`, `scope` and `drift_baseline` to the card (returned)."""
+    from orthovision.evaluate import fused_probabilities, predict_logits
+    from orthovision.ood import fit_for_checkpoint
+
+    section = fit_for_checkpoint(model, train_px, np.asarray(train_labels), val_px, out_dir)
+    val_scores = section.pop("_val_scores")
+    card["ood"] = section
+    card["scope"] = scope_for(card)
+    probs = fused_probabilities(
+        predict_logits(model, val_px), model.fusion_weights.numpy(), float(model.temperature)
+    )
+    card["drift_baseline"] = drift_baseline(probs, val_scores, card)
+    return card
+
+
 def fit_checkpoint_ood(
     checkpoint: Path | str, data_path: Path | str, cache_dir: str | None = None
 ) -> dict:
-    """Fit the OOD detector of a trained checkpoint on its own training split, threshold it
-    on its validation split, and write `ood` and `scope` into its card (the weights and
-    their sha256 are untouched). Returns the `ood` section."""
+    """attach_safety for a trained checkpoint folder, on its own recorded splits (the
+    weights and their sha256 are untouched). Returns the `ood` section."""
     import json
 
     from orthovision.checkpoint import CARD_FILE, load_checkpoint
     from orthovision.evaluate import split_samples
-    from orthovision.ood import fit_for_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     classes = list(ckpt.config.model.classes)
     train, train_px, _ = split_samples(ckpt, data_path, "train", cache_dir)
     _, val_px, _ = split_samples(ckpt, data_path, "val", cache_dir)
     labels = np.asarray([classes.index(s.label) for s in train])
-    section = fit_for_checkpoint(ckpt.model, train_px, labels, val_px, Path(checkpoint))
     card_path = Path(checkpoint) / CARD_FILE
     card = json.loads(card_path.read_text())
-    card["ood"] = section
-    card["scope"] = scope_for(card)
+    card = attach_safety(card, ckpt.model, train_px, labels, val_px, Path(checkpoint))
     card_path.write_text(json.dumps(card, indent=2) + "\n")
-    return section
+    return card["ood"]
+
+
+def drift_baseline(probs: np.ndarray, ood_scores: np.ndarray, card: dict) -> dict:
+    """What production should look like, from the validation split through the serving
+    decision rule: label mix (with 'abstained'), abstention rate (all and by OOD), mean top
+    probability, OOD score quantiles. The drift alerts compare live rates with these."""
+    from orthovision.fusion import decide
+
+    classes = list(card["classes"])
+    validated = card.get("validated_classes", [])
+    threshold = (card.get("ood") or {}).get("threshold", np.inf)
+    labels = []
+    for p, score in zip(probs, ood_scores, strict=True):
+        d = decide(p.tolist(), validated, 0.5, classes, card.get("operating_point"))
+        labels.append("abstained" if d.abstained or score > threshold else d.label)
+    n = max(len(labels), 1)
+    mix = {c: labels.count(c) / n for c in [*validated, "abstained"]}
+    return {
+        "split": "val",
+        "n": len(labels),
+        "label_mix": mix,
+        "abstain_rate": mix["abstained"],
+        "ood_abstain_rate": float(np.mean(ood_scores > threshold)) if len(ood_scores) else 0.0,
+        "mean_top_probability": float(probs.max(1).mean()) if len(probs) else None,
+        "ood_score_median": float(np.median(ood_scores)) if len(ood_scores) else None,
+    }

@@ -52,8 +52,7 @@ from orthovision.evaluate import (
 )
 from orthovision.fusion import fusion_weights_from_params
 from orthovision.models import Ensemble, build_ensemble
-from orthovision.ood import fit_for_checkpoint
-from orthovision.ood_eval import scope_for
+from orthovision.ood_eval import attach_safety
 
 log = logging.getLogger(__name__)
 
@@ -582,15 +581,16 @@ def train(
     card["training"] = training
     if operating_point is not None:
         card["operating_point"] = operating_point
-    # "Not for me": the OOD detector on this model's features (orthovision/ood.py).
-    card["ood"] = fit_for_checkpoint(
-        model,
+    # "Not for me": the OOD detector on this model's features, scope, drift baseline.
+    stored = load_checkpoint(out_dir).model
+    card = attach_safety(
+        card,
+        stored,
         data.pixels[data.indices("train")],
-        np.asarray(train_targets),
+        train_targets,
         data.pixels[val_idx],
         out_dir,
     )
-    card["scope"] = scope_for(card)
     card["metrics"] = metrics
     card["notes"] = card_notes(cfg, validated)
     card_path.write_text(json.dumps(card, indent=2) + "\n")

@@ -264,9 +264,11 @@ class Ingress:
         results = await self.fusion.remote([job.request_id for job in jobs], prepared, *logits)
         metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
         records = []
+        m = metrics()
         for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
             if "error" in result:
                 continue
+            m.observe_result(job.tenant, result)
             hidden = result.pop(PRIVATE_KEY, None)  # stored, never answered (DICOM source)
             if job.explain:
                 await self.store.create_explanation(job.request_id, job.request_id)

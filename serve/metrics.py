@@ -10,6 +10,8 @@ from functools import lru_cache
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+OOD_SCORE_BOUNDARIES = [0.5, 1, 1.5, 2, 2.5, 3, 4, 5, 8, 13, 21, 34]
+PROBABILITY_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 
@@ -57,6 +59,51 @@ class Metrics:
             description="Explanations finished, by outcome (done, failed).",
             tag_keys=("outcome",),
         )
+        # Drift telemetry per tenant (ids from config, or "local"): what the model sees and
+        # says, against the validation baselines in the model card (alerts in k8s/).
+        self.results = Counter(
+            "orthovision_results_total",
+            description="Classified images by tenant and label ('abstained' when it abstained).",
+            tag_keys=("tenant", "label"),
+        )
+        self.abstentions = Counter(
+            "orthovision_abstentions_total",
+            description="Abstentions by tenant and reason code (out_of_scope, "
+            "out_of_distribution, unvalidated_class, low_confidence).",
+            tag_keys=("tenant", "reason"),
+        )
+        self.quality_findings = Counter(
+            "orthovision_quality_findings_total",
+            description="Quality findings on classified images by tenant and check.",
+            tag_keys=("tenant", "check"),
+        )
+        self.ood_score = Histogram(
+            "orthovision_ood_score",
+            description="Feature-space OOD score of classified images, by tenant.",
+            boundaries=OOD_SCORE_BOUNDARIES,
+            tag_keys=("tenant",),
+        )
+        self.top_probability = Histogram(
+            "orthovision_top_probability",
+            description="Highest fused probability of classified images, by tenant.",
+            boundaries=PROBABILITY_BOUNDARIES,
+            tag_keys=("tenant",),
+        )
+
+    def observe_result(self, tenant: str, result: dict) -> None:
+        """One classified image's drift figures (labels: fixed sets only, never its data)."""
+        tags = {"tenant": tenant}
+        self.results.inc(tags={**tags, "label": result.get("label") or "abstained"})
+        if result.get("abstained"):
+            code = result.get("abstain_code") or "unknown"
+            self.abstentions.inc(tags={**tags, "reason": code})
+        for finding in (result.get("quality") or {}).get("findings", []):
+            self.quality_findings.inc(tags={**tags, "check": finding["check"]})
+        if result.get("ood_score") is not None:
+            self.ood_score.observe(float(result["ood_score"]), tags=tags)
+        probabilities = result.get("probabilities") or {}
+        if probabilities:
+            self.top_probability.observe(max(probabilities.values()), tags=tags)
 
 
 @lru_cache(maxsize=1)

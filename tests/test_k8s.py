@@ -372,3 +372,57 @@ def test_redis_requires_a_password_from_a_secret():
     )
     gcs = CLUSTER["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]
     assert gcs == {"name": "orthovision-redis", "key": "password"}
+
+
+def test_alert_rules_pass_promtool(tmp_path):
+    """Prometheus's own checker on every rule (SLO and drift), as the operator loads them."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (.ci/run installs Debian's prometheus)")
+    from orthovision.k8s import drift_rules
+
+    (rule_doc,) = [d for d in DOCS["monitoring.yaml"] if d["kind"] == "PrometheusRule"]
+    spec = dict(rule_doc["spec"])
+    # The drift rules as a card with a baseline renders them (whether or not models/default
+    # has one yet).
+    baseline = {
+        "abstain_rate": 0.04,
+        "ood_abstain_rate": 0.05,
+        "label_mix": {"fracture": 0.4, "non-affected": 0.56, "abstained": 0.04},
+    }
+    spec["groups"] = [*spec["groups"], {"name": "drift-check", "rules": drift_rules(baseline)}]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_drift_alerts_follow_the_card_baseline():
+    from orthovision.k8s import drift_rules
+
+    baseline = {
+        "abstain_rate": 0.04,
+        "ood_abstain_rate": 0.05,
+        "label_mix": {"fracture": 0.4, "non-affected": 0.56, "abstained": 0.04},
+    }
+    rules = {r["alert"]: r for r in drift_rules(baseline)}
+    assert "> 0.1200" in rules["OrthoVisionAbstentionRateHigh"]["expr"]  # 3x the baseline
+    assert "> 0.1500" in rules["OrthoVisionOutOfDistributionRateHigh"]["expr"]
+    psi = rules["OrthoVisionLabelMixShift"]["expr"]
+    assert psi.count("ln(") == 3 and psi.endswith("> 0.2") and "[1d]" in psi
+    assert all(r["expr"].count("by (tenant)") >= 2 for r in rules.values())
+    assert drift_rules(None) == []
+
+
+def test_dashboard_has_the_drift_panels():
+    import json
+
+    dashboard = json.loads((ROOT / "k8s" / "grafana-dashboard.json").read_text())
+    titles = [p["title"] for p in dashboard["panels"]]
+    assert sum(t.startswith("Drift:") for t in titles) == 4
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for metric in ("abstentions_total", "ood_score_bucket", "results_total", "top_probability"):
+        assert f"ray_orthovision_{metric}" in exprs

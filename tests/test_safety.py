@@ -116,3 +116,37 @@ def test_api_abstains_on_a_chest_dicom_and_reports_the_ood_score(live_app):
     r = post_with_retry(live_app.client, "/v1/predict", content=make_png(radiograph()))
     score = r.json()["ood_score"]
     assert isinstance(score, float) and np.isfinite(score)  # computed in the backbones
+
+
+@pytest.mark.serve
+def test_drift_metrics_per_tenant_under_load(live_app):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from liveapp import post_with_retry
+    from test_serve import metric_sum, scrape
+
+    chest = make_dicom(pixels=radiograph().astype(np.uint16) << 2, BodyPartExamined="CHEST")
+    bodies = [make_png(radiograph(s)) for s in range(12)] + [chest] * 4
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(
+            pool.map(lambda b: post_with_retry(live_app.client, "/v1/predict", content=b), bodies)
+        )
+    assert [r.status_code for r in codes] == [200] * len(bodies)
+    wanted = {
+        "ray_orthovision_results_total": 16,
+        "ray_orthovision_abstentions_total": 4,
+        "ray_orthovision_ood_score_count": 12,
+        "ray_orthovision_top_probability_count": 16,
+    }
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = scrape(live_app.metrics_port)
+        if all(metric_sum(text, k, tenant="hospital-a") >= v for k, v in wanted.items()):
+            break
+        time.sleep(2)
+    for name, minimum in wanted.items():
+        assert metric_sum(text, name, tenant="hospital-a") >= minimum, name
+    assert metric_sum(text, "ray_orthovision_abstentions_total", reason="out_of_scope") >= 4
+    # Labels are fixed sets: no file name, header value or patient identifier.
+    assert "PatientName" not in text and "CHEST" not in text

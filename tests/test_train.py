@@ -121,6 +121,11 @@ def test_recipe_options_train_select_by_auc_and_set_an_operating_point(tmp_path:
     # Reported on the held-out test split at the validation threshold.
     test_op = card["metrics"]["operating_point"]
     assert test_op["threshold"] == op["threshold"] and 0 <= test_op["specificity"] <= 1
+    # Safety sections: the OOD detector beside the weights, scope, drift baseline.
+    assert (out / card["ood"]["file"]).is_file() and card["ood"]["threshold"] > 0
+    assert card["scope"]["out_of_scope_body_parts"]
+    mix = card["drift_baseline"]["label_mix"]
+    assert abs(sum(mix.values()) - 1) < 1e-9 and "abstained" in mix
 
 
 def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
