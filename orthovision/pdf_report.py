@@ -62,6 +62,15 @@ def render_report(
         story.append(para(f"Predicted class: abstained ({reason})", styles["Heading3"]))
     else:
         story.append(para(f"Predicted class: {result['label']}", styles["Heading3"]))
+    if result.get("ood_score") is not None:
+        story.append(
+            para(
+                f"Out-of-distribution score: {result['ood_score']:.2f} (distance from the "
+                "training data; about 1 is typical, the model abstains above its card's "
+                "threshold)",
+                styles["Normal"],
+            )
+        )
 
     branches = result.get("branches", {})
     header = ["class", "probability", *branches, "validated"]

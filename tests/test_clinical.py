@@ -100,6 +100,8 @@ def test_pdf_report_renders_with_heatmap_and_statement(live_app, explained_dicom
     assert result["model"]["sha256"] in text.replace("\n", "").replace(" ", "")
     assert "NOT VALIDATED" in text and "Validated classes: fracture, non-affected" in text
     assert "No explanation was requested" not in text
+    # The live app's checkpoint carries an OOD detector: its score is in the report.
+    assert f"Out-of-distribution score: {result['ood_score']:.2f}" in text
     images = subprocess.run(
         ["pdfimages", "-list", str(pdf)], check=True, capture_output=True, text=True
     ).stdout

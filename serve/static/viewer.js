@@ -104,6 +104,10 @@ function render(card, result) {
   } else {
     label.textContent = result.label;
   }
+  if (typeof result.ood_score === "number") {
+    label.title = `out-of-distribution score ${result.ood_score.toFixed(2)} ` +
+      "(distance from the training data; about 1 is typical)";
+  }
   bars($(".fused", card), result.probabilities, validated);
   const branches = $(".branches", card);
   for (const [name, probs] of Object.entries(result.branches || {})) {
