@@ -43,7 +43,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # pydicom's own log records and warnings may quote header values (a patient's name in a
 # malformed element): none of them may reach a log line (DESIGN.md). Our typed errors say
 # what went wrong instead.
+# `disabled` alone stops only records of the "pydicom" logger itself; its children
+# ("pydicom.pixels.decoders.base" logs a traceback per failed decoder) inherit the level,
+# which pydicom.config resets to WARNING on import: import it first, then silence.
+import pydicom.config  # noqa: E402, F401
+
 logging.getLogger("pydicom").disabled = True
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -160,3 +160,29 @@ def test_predict_rg3_with_default_checkpoint_subprocess():
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     for value in (str(ds.PatientName), str(ds.PatientID)):
         assert value and value not in proc.stdout + proc.stderr
+
+
+@requires_shared
+def test_undecodable_dicom_prints_one_line_and_no_library_traceback(tiny_checkpoint):
+    """In a real process (pytest's log capture would hide pydicom's records otherwise)."""
+    import subprocess
+    import sys
+
+    bad = SHARED / "bad-inputs" / "malformed-dicom" / "RG2_JPLY.dcm"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orthovision.cli",
+            "predict",
+            str(bad),
+            "--checkpoint",
+            str(tiny_checkpoint),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "UNTRAINED" not in ln]
+    assert lines == [f"{bad}: rejected (undecodable): DICOM pixel data cannot be decoded"], lines
