@@ -205,6 +205,9 @@ class ServeConfig(_Strict):
     # Uploads in progress per tenant and ingress replica (bodies are read before a slot is
     # taken: a tenant's slow uploads cost only this budget, never another tenant's slots).
     admission_max_uploads_per_tenant: int = Field(16, ge=1)
+    # Prometheus export port of the local Ray node under `orthovision serve` (fixed, so
+    # `curl 127.0.0.1:8080/metrics` works; Ray's default is a random port).
+    metrics_export_port: int = Field(8080, ge=1, le=65535)
     ingress: DeploymentConfig = DeploymentConfig(
         num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=64, access_log=True
     )

@@ -40,10 +40,13 @@ def test_serve_command_starts_with_auth_on(tmp_path):
     )
     doc = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     config = doc["applications"][0]["args"]["config"]
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config["model"]["backbones"] = [dict(b) for b in TINY]
     config["serve"].update(
-        port=port, checkpoint=str(ckpt), store_url=f"sqlite:///{tmp_path / 'store' / 'db'}"
+        port=port,
+        metrics_export_port=metrics_port,
+        checkpoint=str(ckpt),
+        store_url=f"sqlite:///{tmp_path / 'store' / 'db'}",
     )
     config["serve"].setdefault("security", {})["auth"] = "api-key"
     path = tmp_path / "serve.yaml"
@@ -70,6 +73,9 @@ def test_serve_command_starts_with_auth_on(tmp_path):
         assert httpx.get(f"{url}/v1/model", timeout=10).status_code == 401
         r = httpx.get(f"{url}/v1/model", headers={"X-API-Key": "serve-test-key"}, timeout=10)
         assert r.status_code == 200 and r.json()["classes"]
+        # The configured metrics port answers (README: curl 127.0.0.1:8080/metrics).
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert metrics.status_code == 200 and "ray_" in metrics.text
     finally:
         proc.send_signal(signal.SIGINT)
         try:
