@@ -38,9 +38,6 @@ def wait_ready(url: str, timeout_s: float) -> bool:
 def start(config_file: Path, num_cpus: int | None = None) -> str:
     """Start Ray and the application; return the base URL."""
     cfg = load_serve_file(config_file)
-    # A local Ray listens where the service does: on loopback unless the service binds a
-    # LAN address (an unauthenticated Ray port on a hospital network is a takeover).
-    node_ip = "127.0.0.1" if is_loopback(cfg.serve.host) else None
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
