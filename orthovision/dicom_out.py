@@ -79,10 +79,17 @@ def _class_code(name: str):
 
 
 def _stamp(ds, created_at: float) -> None:
+    """Every date/time of the object from the result's creation time, so that fetching it
+    twice gives the same bytes (highdicom stamps 'now' by default)."""
     when = dt.datetime.fromtimestamp(created_at, tz=dt.timezone.utc)
-    ds.ContentDate = when.strftime("%Y%m%d")
-    ds.ContentTime = when.strftime("%H%M%S.%f")
+    date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.TimezoneOffsetFromUTC = "+0000"
+    for item in ds.get("ContributingEquipmentSequence", []):
+        item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S.%f+0000")
+    if "TimeOfSecondaryCapture" in ds:
+        ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
 
 
 def structured_report(result: dict, source: dict[str, str], created_at: float):
@@ -157,8 +164,20 @@ def structured_report(result: dict, source: dict[str, str], created_at: float):
         series_description="OrthoVision AI result (not a diagnosis)",
     )
     sr.SpecificCharacterSet = "ISO_IR 192"
+    sr.CodingSchemeIdentificationSequence = [_local_scheme()]
     _stamp(sr, created_at)
     return sr
+
+
+def _local_scheme():
+    """PS3.3 C.12.1.1.4: a private (99...) coding scheme is identified in the object."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "OrthoVision Serve local codes"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    return item
 
 
 def secondary_capture(
@@ -188,6 +207,9 @@ def secondary_capture(
     )
     # PS3.3 C.8.6.2: Type 2C, present and empty when unknown (a letterboxed model input).
     sc.PatientOrientation = None
+    # General Series Laterality (Type 2C, paired body parts): the source's, else present
+    # and empty (unknown), never invented.
+    sc.Laterality = source.get("Laterality") or None
     sc.SpecificCharacterSet = "ISO_IR 192"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "NO"

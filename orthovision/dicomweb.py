@@ -76,6 +76,13 @@ def split_related(body: bytes, boundary: str, max_parts: int) -> list[Part]:
     return parts
 
 
+def is_part10(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble, then "DICM"."""
+    from orthovision.io import DICOM_PREAMBLE_BYTES
+
+    return data[DICOM_PREAMBLE_BYTES : DICOM_PREAMBLE_BYTES + 4] == b"DICM"
+
+
 def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
     """(SOPClassUID, SOPInstanceUID) from an instance's header, "" where unreadable.
 
@@ -84,9 +91,9 @@ def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
     """
     from pydicom.uid import UID
 
-    from orthovision.io import DICOM_PREAMBLE_BYTES, read_dicom
+    from orthovision.io import read_dicom
 
-    if data[DICOM_PREAMBLE_BYTES : DICOM_PREAMBLE_BYTES + 4] != b"DICM":
+    if not is_part10(data):
         return "", ""
     try:
         ds = read_dicom(

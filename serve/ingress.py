@@ -598,12 +598,20 @@ class Ingress:
             if not parts:
                 raise InputError("STOW-RS request has no instances")
             ids = [current_request_id() for _ in parts]
-            dicom = [i for i, p in enumerate(parts) if p.content_type == "application/dicom"]
+            # Typed application/dicom *and* a Part 10 signature: a JPEG sent under the DICOM
+            # type is refused, not classified as an instance it is not.
+            dicom = [
+                i
+                for i, p in enumerate(parts)
+                if p.content_type == "application/dicom" and dw.is_part10(p.data)
+            ]
             classified = await self._classify(
                 [Job(parts[i].data, ids[i], explain, tenant) for i in dicom]
             )
             by_index = dict(zip(dicom, classified, strict=True))
-            not_dicom = UnsupportedFormat("STOW-RS parts must be application/dicom").to_result()
+            not_dicom = UnsupportedFormat(
+                "STOW-RS parts must be application/dicom DICOM Part 10 instances"
+            ).to_result()
             outcomes = [by_index.get(i, not_dicom) for i in range(len(parts))]
             refs = await asyncio.to_thread(lambda: [dw.sop_reference(p.data) for p in parts])
             stored, failed, results = [], [], []

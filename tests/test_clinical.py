@@ -225,6 +225,22 @@ def test_stow_rs_classifies_each_instance(live_app):
     assert set(pure.json()) == {"00081199"}
 
 
+def test_stow_rs_refuses_a_jpeg_typed_as_dicom(live_app):
+    from conftest import make_jpeg
+
+    boundary = uuid.uuid4().hex
+    r = live_app.client.post(
+        "/dicomweb/studies",
+        content=related_body([make_jpeg(radiograph())], boundary),
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        },
+    )
+    assert r.status_code == 409, r.text  # none stored
+    (result,) = r.json()["results"]
+    assert result["error"]["code"] == "unsupported_format" and "sr_url" not in result
+
+
 @pytest.mark.parametrize(
     ("ctype", "status"),
     [
