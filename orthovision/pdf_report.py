@@ -13,6 +13,13 @@ NOT_A_DIAGNOSIS = (
     "This report is a computer-generated second-opinion aid for a qualified reader. "
     "It is not a diagnosis."
 )
+INTENDED_USE = (
+    "Intended use: a second opinion on adult extremity radiographs (mostly wrist, hand and "
+    "forearm, the anatomy of the training data) for fracture versus no fracture, read by a "
+    "qualified reader next to the images. Not for other anatomy, children's growing "
+    "skeletons or tumour diagnosis (the tumour classes are not validated); the model "
+    "abstains when an image is outside its scope or far from its training data."
+)
 
 
 def _pct(p: float) -> str:
@@ -24,6 +31,7 @@ def render_report(
     overlay_png: bytes | None,
     explanation_note: str | None = None,
     generated_at: dt.datetime | None = None,
+    source_reference: dict | None = None,
 ) -> bytes:
     """PDF bytes for a v1 prediction `result`. `overlay_png` is the heat-map overlay, or None
     with `explanation_note` saying why there is none."""
@@ -49,11 +57,10 @@ def render_report(
         para("OrthoVision second-opinion report", styles["Title"]),
         para(NOT_A_DIAGNOSIS, styles["Heading4"]),
         para(
-            f"Request {result['request_id']} | generated "
-            f"{generated_at.strftime('%Y-%m-%d %H:%M UTC')} | input "
-            f"{result.get('input', {}).get('format', '?')}"
-            + (f" {result['input']['modality']}" if result.get("input", {}).get("modality") else "")
+            f"Request {result['request_id']} | result of "
+            f"{generated_at.strftime('%Y-%m-%d %H:%M UTC')}"
         ),
+        para("Image: " + describe_image(result.get("input", {}), source_reference)),
         Spacer(1, 4 * mm),
         para("Result", h2),
     ]
@@ -66,8 +73,7 @@ def render_report(
         story.append(
             para(
                 f"Out-of-distribution score: {result['ood_score']:.2f} (distance from the "
-                "training data; about 1 is typical, the model abstains above its card's "
-                "threshold)",
+                "training data; the model abstains above its card's threshold)",
                 styles["Normal"],
             )
         )
@@ -96,6 +102,16 @@ def render_report(
     )
     story += [table, Spacer(1, 2 * mm)]
     story.append(para("Validated classes: " + (", ".join(validated) or "none")))
+    if result.get("decision_threshold") is not None:
+        story.append(
+            para(
+                f"Operating point: fracture is reported from a probability of "
+                f"{result['decision_threshold']:.3f} (chosen on the validation split for a "
+                "sensitivity of at least 0.90: a second opinion should rarely miss a "
+                "fracture, at the cost of more false alarms)."
+            )
+        )
+    story.append(para(INTENDED_USE))
 
     story.append(para("Input quality", h2))
     findings = result.get("quality", {}).get("findings", [])
@@ -133,5 +149,31 @@ def render_report(
         bottomMargin=15 * mm,
         invariant=True,  # no random document id: the same input gives the same bytes
     )
-    doc.build(story)
+
+    def creation_date(canvas, _doc) -> None:
+        # invariant=True stamps 2000-01-01: stamp the result's own time instead (the same
+        # result still gives the same bytes).
+        stamp = canvas._doc._timeStamp
+        lt = generated_at.astimezone(dt.timezone.utc).timetuple()
+        stamp.t, stamp.lt, stamp.YMDhms = generated_at.timestamp(), lt, tuple(lt)[:6]
+        stamp.dhh = stamp.dmm = 0
+        stamp.tzname = "UTC"
+
+    doc.build(story, onFirstPage=creation_date)
     return buf.getvalue()
+
+
+def describe_image(info: dict, source_reference: dict | None = None) -> str:
+    """What the report is about, without a patient identifier: format, size, modality and
+    body part, and for DICOM the instance's SOP Instance UID (the PACS's own key)."""
+    parts = [str(info.get("format", "?")).upper()]
+    size = info.get("original_size")
+    if size:
+        parts.append(f"{size[0]}x{size[1]} px")
+    for key in ("modality", "body_part"):
+        if info.get(key):
+            parts.append(str(info[key]))
+    text = ", ".join(parts)
+    if source_reference and source_reference.get("SOPInstanceUID"):
+        text += f"; SOP Instance UID {source_reference['SOPInstanceUID']}"
+    return text

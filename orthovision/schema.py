@@ -56,8 +56,8 @@ class Prediction(BaseModel):
     )
     ood_score: float | None = Field(
         None,
-        description="feature-space distance from the training data (about 1 in distribution); "
-        "above the card's ood.threshold the model abstains (out_of_distribution)",
+        description="feature-space distance from the training data; above the card's "
+        "ood.threshold the model abstains (out_of_distribution)",
     )
     probabilities: dict[str, float] = Field(description="calibrated fused probabilities")
     branches: dict[str, dict[str, float]] = Field(description="per-backbone probabilities")

@@ -11,6 +11,7 @@ the pipeline was busy, serve/gather.py): every hop is paid once per batch.
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import re
 import time
@@ -512,7 +513,17 @@ class Ingress:
         tenant = self.guard(request, "read")
         record = await self._stored_record(request_id, tenant)
         overlay, _state, note = await self._overlay_png(request_id, record, tenant)
-        pdf = await asyncio.to_thread(render_report, clinical.public(record), overlay, note)
+        private = clinical.private(record)
+        created = dt.datetime.fromtimestamp(private.get("created_at", time.time()), dt.timezone.utc)
+        source = private.get("dicom_source") or {}
+        pdf = await asyncio.to_thread(
+            render_report,
+            clinical.public(record),
+            overlay,
+            note,
+            created,
+            {"SOPInstanceUID": source["SOPInstanceUID"]} if source.get("SOPInstanceUID") else None,
+        )
         return Response(
             pdf,
             media_type="application/pdf",

@@ -97,6 +97,13 @@ def test_pdf_report_renders_with_heatmap_and_statement(live_app, explained_dicom
     shown = result["label"] or "abstained"
     assert f"Predicted class: {shown}" in text
     assert "second-opinion aid" in text and "not a diagnosis" in text
+    # Says which image it is about, its intended use, and a real creation date.
+    flat = " ".join(text.split())
+    uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+    assert "SOP Instance UID" in flat and uid in "".join(text.split())
+    assert "Intended use" in flat
+    info = subprocess.run(["pdfinfo", str(pdf)], check=True, capture_output=True, text=True)
+    assert "2000" not in next(x for x in info.stdout.splitlines() if x.startswith("CreationDate"))
     assert result["model"]["sha256"] in text.replace("\n", "").replace(" ", "")
     assert "NOT VALIDATED" in text and "Validated classes: fracture, non-affected" in text
     assert "No explanation was requested" not in text

@@ -106,7 +106,7 @@ function render(card, result) {
   }
   if (typeof result.ood_score === "number") {
     label.title = `out-of-distribution score ${result.ood_score.toFixed(2)} ` +
-      "(distance from the training data; about 1 is typical)";
+      "(distance from the training data; above the model card's threshold it abstains)";
   }
   bars($(".fused", card), result.probabilities, validated);
   const branches = $(".branches", card);
