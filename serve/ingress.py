@@ -16,8 +16,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -113,6 +113,9 @@ class Job:
     explain: bool = False
     # The authenticated tenant: stored as the record's owner; only it can read the record.
     tenant: str = LOCAL_TENANT
+    # Resolved with the item's error as soon as preprocessing rejects it, so a bad input is
+    # answered without waiting for its batch's forward passes (None: no early answer).
+    early: asyncio.Future | None = field(default=None, compare=False, repr=False)
 
 
 @api.exception_handler(Overloaded)
@@ -137,6 +140,20 @@ def current_request_id() -> str:
     """A fresh id per request: a store key and URL segment. (Not Ray Serve's X-Request-ID: a
     client may set that one, and ids must never collide across clients' records.)"""
     return uuid.uuid4().hex
+
+
+async def first_answer(full: Awaitable[dict], early: asyncio.Future) -> dict:
+    """The early answer (an input error) if it comes first, else the full result; the batch
+    goes on either way (its other items, the stored record)."""
+    task = asyncio.ensure_future(full)
+    done, _ = await asyncio.wait({task, early}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        early.cancel()
+        return task.result()
+    # Nobody awaits the full result now: retrieve it when it comes, so an error is not
+    # reported as "never retrieved".
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return early.result()
 
 
 class CountRequests:
@@ -262,7 +279,15 @@ class Ingress:
         started = time.perf_counter()
         prepared = self.preprocessor.remote([job.data for job in jobs])
         logits = [handle.remote(prepared) for handle in self.backbones.values()]
-        results = await self.fusion.remote([job.request_id for job in jobs], prepared, *logits)
+        fused = self.fusion.remote([job.request_id for job in jobs], prepared, *logits)
+        if any(job.early is not None for job in jobs):
+            # The batch's own outcome per item (zero-copy from the object store): rejected
+            # items are answered now, while the others are in the backbones.
+            batch = await prepared
+            for job, item in zip(jobs, batch.items, strict=True):
+                if isinstance(item, InputError) and job.early and not job.early.done():
+                    job.early.set_result(item.to_result())
+        results = await fused
         metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
         records = []
         m = metrics()
@@ -324,8 +349,9 @@ class Ingress:
     async def predict(self, request: Request, explain: bool = False) -> Response:
         tenant = self.guard(request, "predict", *(("explain",) if explain else ()))
         async with self.admitted(tenant, lambda: self._single_image(request)) as data:
-            result = await self.gatherer.submit(Job(data, current_request_id(), explain, tenant))
-            return self._json(result)
+            early = asyncio.get_running_loop().create_future()
+            job = Job(data, current_request_id(), explain, tenant, early)
+            return self._json(await first_answer(self.gatherer.submit(job), job.early))
 
     async def _body(self, request: Request) -> bytes:
         return await read_body(
