@@ -43,6 +43,8 @@ def render_report(
 
     styles = getSampleStyleSheet()
     body, h2 = styles["BodyText"], styles["Heading2"]
+    small = styles["BodyText"].clone("small", fontSize=7.5, leading=9)
+    h2 = h2.clone("h2tight", spaceBefore=6, spaceAfter=3)
     generated_at = generated_at or dt.datetime.now(dt.timezone.utc)
     model = result["model"]
     validated = list(result.get("validated_classes", []))
@@ -74,7 +76,7 @@ def render_report(
             para(
                 f"Out-of-distribution score: {result['ood_score']:.2f} (distance from the "
                 "training data; the model abstains above its card's threshold)",
-                styles["Normal"],
+                small,
             )
         )
 
@@ -111,7 +113,7 @@ def render_report(
                 "fracture, at the cost of more false alarms)."
             )
         )
-    story.append(para(INTENDED_USE))
+    story.append(para(INTENDED_USE, small))
 
     story.append(para("Input quality", h2))
     findings = result.get("quality", {}).get("findings", [])
@@ -122,7 +124,7 @@ def render_report(
 
     story.append(para("Heat map (GradCAM++)", h2))
     if overlay_png:
-        story.append(Image(io.BytesIO(overlay_png), width=70 * mm, height=70 * mm, hAlign="LEFT"))
+        story.append(Image(io.BytesIO(overlay_png), width=60 * mm, height=60 * mm, hAlign="LEFT"))
         story.append(para("Overlay on the 224x224 model input (letterboxed, CLAHE)."))
     else:
         story.append(para(explanation_note or "No explanation was requested for this image."))

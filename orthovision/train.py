@@ -657,6 +657,12 @@ def card_notes(cfg: OrthoVisionConfig, validated: list[str]) -> list[str]:
             )
         if b.pretrained == "none":
             notes.append(f"Branch {b.name!r} was trained from random initialisation.")
+    notes.append(
+        "Not for: anatomy outside the training data (the service abstains on chest, abdomen, "
+        "head and similar from the DICOM header, and on images far from the training data "
+        "by the OOD score), children's growing skeletons (ages are not recorded in the data), "
+        "tumour diagnosis, or use without a qualified reader."
+    )
     return notes
 
 
