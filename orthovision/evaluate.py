@@ -33,23 +33,41 @@ REJECT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 @torch.inference_mode()
-def predict_logits(
-    model, pixels: np.ndarray, batch_size: int = 64, device: torch.device | str = "cpu"
-) -> dict[str, np.ndarray]:
-    """Branch logits (N, C) per branch for uint8 (N, 1, S, S) inputs, model in eval mode."""
+@torch.inference_mode()
+def branch_outputs(
+    model, pixels: np.ndarray, batch_size: int = 64
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(penultimate features (N, D), logits (N, C)) per branch for uint8 (N, 1, S, S)
+    inputs, in one pass, model in eval mode."""
+    from orthovision.ood import branch_features
+
     was_training = model.training
     model.eval()
-    out: dict[str, list[np.ndarray]] = {n: [] for n in model.branch_names}
+    feats: dict[str, list[np.ndarray]] = {n: [] for n in model.branch_names}
+    logits: dict[str, list[np.ndarray]] = {n: [] for n in model.branch_names}
     for start in range(0, len(pixels), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size]))
         for name in model.branch_names:
-            out[name].append(model.branch_forward(name, x).float().cpu().numpy())
+            f, lg = branch_features(model.branches[name], model.branch_input(name, x))
+            feats[name].append(f.float().cpu().numpy())
+            logits[name].append(lg.float().cpu().numpy())
     model.train(was_training)
     num_classes = len(model.cfg.classes)
-    return {
-        n: np.concatenate(v) if v else np.zeros((0, num_classes), np.float32)
-        for n, v in out.items()
-    }
+
+    def stack(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+        return {
+            n: np.concatenate(v) if v else np.zeros((0, num_classes), np.float32)
+            for n, v in parts.items()
+        }
+
+    return stack(feats), stack(logits)
+
+
+def predict_logits(
+    model, pixels: np.ndarray, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> dict[str, np.ndarray]:
+    """Branch logits (N, C) per branch (each branch runs on its own parameters' device)."""
+    return branch_outputs(model, pixels, batch_size)[1]
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -113,19 +113,11 @@ class OODDetector:
         )
 
 
-@torch.inference_mode()
 def ensemble_features(model, pixels: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
     """Penultimate features (N, D) per branch of an Ensemble for uint8 (N, 1, S, S) inputs."""
-    was_training = model.training
-    model.eval()
-    out: dict[str, list[np.ndarray]] = {n: [] for n in model.branch_names}
-    for start in range(0, len(pixels), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(pixels[start : start + batch_size]))
-        for name in model.branch_names:
-            feats, _ = branch_features(model.branches[name], model.branch_input(name, x))
-            out[name].append(feats.float().cpu().numpy())
-    model.train(was_training)
-    return {n: np.concatenate(v) for n, v in out.items()}
+    from orthovision.evaluate import branch_outputs
+
+    return branch_outputs(model, pixels, batch_size)[0]
 
 
 def fit_for_checkpoint(

@@ -26,6 +26,32 @@ FAKE_PATIENT_NAME = "Leaky^Patient"
 FAKE_PATIENT_ID = "PID-0042-SECRET"
 
 
+# Tiny timm backbones under the shipped branch names: fast checkpoints for the tests.
+TINY_BACKBONES = (
+    {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
+    {"name": "resnet18", "timm_name": "test_resnet"},
+)
+
+
+def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random-weight checkpoint of the tiny backbones (fracture, non-affected validated)."""
+    import torch
+
+    from orthovision.checkpoint import save_checkpoint
+    from orthovision.config import ModelConfig, OrthoVisionConfig
+    from orthovision.models import build_ensemble
+
+    torch.manual_seed(seed)
+    model = ModelConfig(backbones=TINY_BACKBONES)
+    return save_checkpoint(
+        build_ensemble(model),
+        OrthoVisionConfig(model=model),
+        path,
+        validated_classes=["fracture", "non-affected"],
+        trained=False,
+    )
+
+
 def gradient(height: int = 256, width: int = 320, dtype: type = np.uint8) -> np.ndarray:
     """A smooth 2-D ramp with some structure: not constant, compresses well."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)

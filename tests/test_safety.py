@@ -7,7 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SHARED, make_dicom, make_png, radiograph, requires_shared
+from conftest import (
+    SHARED,
+    make_dicom,
+    make_png,
+    radiograph,
+    requires_shared,
+    save_tiny_checkpoint,
+)
 from liveapp import add_ood_detector
 
 from orthovision.checkpoint import load_checkpoint
@@ -43,23 +50,7 @@ def test_detector_separates_shifted_features_and_round_trips(tmp_path):
 
 @pytest.fixture()
 def tiny_with_detector(tmp_path):
-    from orthovision.checkpoint import save_checkpoint
-    from orthovision.config import ModelConfig, OrthoVisionConfig
-    from orthovision.models import build_ensemble
-
-    model = ModelConfig(
-        backbones=(
-            {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
-            {"name": "resnet18", "timm_name": "test_resnet"},
-        )
-    )
-    path = save_checkpoint(
-        build_ensemble(model),
-        OrthoVisionConfig(model=model),
-        tmp_path / "ckpt",
-        validated_classes=["fracture", "non-affected"],
-        trained=False,
-    )
+    path = save_tiny_checkpoint(tmp_path / "ckpt")
     add_ood_detector(path, threshold=1e9)
     return path
 

@@ -12,36 +12,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import yaml
+from conftest import TINY_BACKBONES, save_tiny_checkpoint
 from liveapp import free_port
-
-from orthovision.checkpoint import save_checkpoint
-from orthovision.config import ModelConfig, OrthoVisionConfig
-from orthovision.models import build_ensemble
 
 pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[1]
-TINY = (
-    {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
-    {"name": "resnet18", "timm_name": "test_resnet"},
-)
 
 
 def test_serve_command_starts_with_auth_on(tmp_path):
-    torch.manual_seed(0)
-    model = ModelConfig(backbones=TINY)
-    ckpt = save_checkpoint(
-        build_ensemble(model),
-        OrthoVisionConfig(model=model),
-        tmp_path / "ckpt",
-        validated_classes=["fracture", "non-affected"],
-        trained=False,
-    )
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     doc = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
     config = doc["applications"][0]["args"]["config"]
     port, metrics_port = free_port(), free_port()
-    config["model"]["backbones"] = [dict(b) for b in TINY]
+    config["model"]["backbones"] = [dict(b) for b in TINY_BACKBONES]
     config["serve"].update(
         port=port,
         metrics_export_port=metrics_port,
