@@ -142,8 +142,52 @@ def preset(name: str) -> OrthoVisionConfig:
     raise ValueError(f"unknown preset {name!r}; known: local, gpu")
 
 
+def deployments(cfg: OrthoVisionConfig) -> list[dict]:
+    """Ray Serve's own per-deployment section of a config file: what an SRE reads with
+    `serve status` and edits in place (`kubectl edit rayservice`, `serve deploy`). Replicas,
+    autoscaling, queue bounds and actor options restart replicas when changed; `user_config`
+    (batching knobs, the fusion's temperature and abstain threshold) reconfigures running
+    replicas without a restart (their `reconfigure` methods)."""
+    s = cfg.serve
+    out = [
+        {"name": "Ingress", **deployment_options(s.ingress)},
+        {"name": "Preprocessor", **deployment_options(s.preprocessor)},
+    ]
+    for branch in served_branches(cfg):
+        out.append(
+            {
+                "name": f"Backbone_{branch}",
+                **deployment_options(s.backbone),
+                "user_config": s.batch.model_dump(mode="json"),
+            }
+        )
+    out.append(
+        {
+            "name": "Fusion",
+            **deployment_options(s.fusion),
+            "user_config": cfg.fusion.model_dump(mode="json"),
+        }
+    )
+    out.append({"name": "Explainer", **deployment_options(s.explainer)})
+    return out
+
+
+def served_model(cfg: OrthoVisionConfig) -> dict:
+    """The model section as served: the checkpoint's own (its card in this checkout), so a
+    rendered file never describes a model that is not the one running."""
+    from orthovision.checkpoint import CheckpointError, read_card
+
+    path = Path(cfg.serve.checkpoint)
+    try:
+        return read_card(path if path.is_absolute() else PROJECT_ROOT / path)["config"]["model"]
+    except (CheckpointError, KeyError):
+        return cfg.model.model_dump(mode="json")
+
+
 def serve_config(cfg: OrthoVisionConfig) -> dict:
     """A Serve config file (the schema of `serve deploy` and RayService serveConfigV2)."""
+    config = cfg.model_dump(mode="json", exclude={"train"})  # training is not the service's
+    config["model"] = served_model(cfg)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
@@ -152,8 +196,8 @@ def serve_config(cfg: OrthoVisionConfig) -> dict:
                 "name": cfg.serve.app_name,
                 "route_prefix": "/",
                 "import_path": "serve.app:build_app",
-                # Training settings are not the service's business.
-                "args": {"config": cfg.model_dump(mode="json", exclude={"train"})},
+                "args": {"config": config},
+                "deployments": deployments(cfg),
             }
         ],
     }

@@ -27,7 +27,7 @@ from orthovision.k8s import (
     ray_version,
     render_texts,
 )
-from orthovision.render import CPU_NODE_RESOURCE, MODEL_NODE_RESOURCE, preset
+from orthovision.render import CPU_NODE_RESOURCE, MODEL_NODE_RESOURCE, preset, served_branches
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
@@ -215,8 +215,32 @@ def test_serve_config_v2_is_a_serve_deploy_schema_carrying_the_gpu_preset():
     schema = ServeDeploySchema.model_validate(doc)
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
-    # Training settings are left out of Serve configs; the rest is the gpu preset, unchanged.
-    assert OrthoVisionConfig.model_validate(app.args["config"]) == preset("gpu")
+    # Training settings are left out of Serve configs; the model section is the served
+    # checkpoint's; the rest is the gpu preset, unchanged.
+    served = OrthoVisionConfig.model_validate(app.args["config"])
+    expected = preset("gpu")
+    assert served.model_copy(update={"model": expected.model}) == expected
+    assert [b.name for b in served.model.backbones] == served_branches(expected)
+
+
+def test_serve_config_has_a_ray_native_deployments_list():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load(RAYSERVICE["spec"]["serveConfigV2"])
+    (app,) = ServeDeploySchema.model_validate(doc).applications
+    by_name = {d.name: d for d in app.deployments}
+    branches = served_branches(preset("gpu"))
+    expected = {"Ingress", "Preprocessor", "Fusion", "Explainer"} | {
+        f"Backbone_{b}" for b in branches
+    }
+    assert set(by_name) == expected and len(by_name) >= 5
+    for b in branches:
+        backbone = by_name[f"Backbone_{b}"]
+        assert backbone.ray_actor_options.num_gpus == 0.5
+        assert backbone.autoscaling_config["max_replicas"] == 4
+        assert backbone.user_config == preset("gpu").serve.batch.model_dump(mode="json")
+    assert by_name["Fusion"].user_config["abstain_threshold"] == 0.5
+    assert by_name["Preprocessor"].autoscaling_config["min_replicas"] == 2
 
 
 def test_head_runs_no_replicas_and_the_autoscaler_and_gcs_ft_are_on():
