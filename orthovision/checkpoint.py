@@ -133,6 +133,49 @@ def read_card(path: Path | str) -> dict:
     return card
 
 
+@dataclass
+class FusionHead:
+    """What the Fusion deployment needs of a checkpoint: no backbone weights."""
+
+    card: dict
+    fusion_weights: dict[str, float]
+    temperature: float
+
+
+def load_fusion_head(
+    path: Path | str, *, expected_preprocess: PreprocessConfig | None = None
+) -> FusionHead:
+    """The card, the fusion weights and the calibrated temperature, with the same checks as
+    `load_checkpoint` (weights sha256, preprocessing hash) but without building the
+    backbones: the Fusion replica holds a few numbers, not two CNNs."""
+    from safetensors import safe_open
+
+    from orthovision.fusion import fusion_weights_from_params
+
+    path = Path(path)
+    card = read_card(path)
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {weights_path}")
+    if _sha256(weights_path.read_bytes()) != card.get("weights_sha256"):
+        raise CheckpointError("weights sha256 does not match the card's")
+    trained_hash = card.get("preprocess_sha256")
+    if expected_preprocess is not None and expected_preprocess.param_hash() != trained_hash:
+        raise CheckpointError(
+            f"checkpoint was trained with preprocessing {trained_hash} but this replica runs "
+            f"{expected_preprocess.param_hash()}"
+        )
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            params = f.get_tensor("fusion_params").float()
+            temperature = float(f.get_tensor("temperature"))
+    except (SafetensorError, KeyError) as exc:
+        raise CheckpointError(f"no fusion head in {weights_path}: {exc}") from None
+    names = branch_names(card)
+    weights = fusion_weights_from_params(params).tolist()
+    return FusionHead(card, dict(zip(names, weights, strict=True)), temperature)
+
+
 def load_checkpoint(
     path: Path | str,
     *,

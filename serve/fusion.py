@@ -7,7 +7,7 @@ import time
 import numpy as np
 from ray import serve
 
-from orthovision.checkpoint import load_checkpoint
+from orthovision.checkpoint import load_fusion_head
 from orthovision.config import FusionConfig
 from orthovision.pipeline import Prepared, PreparedBatch, assemble_prediction
 from orthovision.schema import PRIVATE_KEY
@@ -18,13 +18,11 @@ from serve.runtime import checkpoint_path, config_from
 class Fusion:
     def __init__(self, config: dict) -> None:
         cfg = config_from(config)
-        ckpt = load_checkpoint(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
-        self.card = ckpt.card
-        self.branches = list(ckpt.model.branches)
-        weights = ckpt.model.fusion_weights.tolist()
-        self.fusion_weights = dict(zip(self.branches, weights, strict=True))
-        self.calibrated_temperature = float(ckpt.model.temperature)
-        del ckpt  # only the fusion weights and the card are needed here
+        head = load_fusion_head(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
+        self.card = head.card
+        self.fusion_weights = head.fusion_weights
+        self.branches = list(head.fusion_weights)
+        self.calibrated_temperature = head.temperature
         self.reconfigure(cfg.fusion.model_dump())
 
     def reconfigure(self, user_config: dict) -> None:

@@ -206,3 +206,19 @@ def test_save_refuses_inconsistent_card(tmp_path, kwargs, match):
     args = {"cfg": cfg, "validated_classes": ["fracture"]} | kwargs
     with pytest.raises(ValueError, match=match):
         save_checkpoint(tiny_model(cfg), out_dir=tmp_path, trained=True, **args)
+
+
+def test_fusion_head_matches_the_full_checkpoint_and_checks_the_hash(tmp_path):
+    from conftest import save_tiny_checkpoint
+
+    from orthovision.checkpoint import CheckpointError, load_checkpoint, load_fusion_head
+
+    path = save_tiny_checkpoint(tmp_path / "ckpt")
+    head, full = load_fusion_head(path), load_checkpoint(path)
+    assert list(head.fusion_weights) == full.model.branch_names
+    assert list(head.fusion_weights.values()) == pytest.approx(full.model.fusion_weights.tolist())
+    assert head.temperature == pytest.approx(float(full.model.temperature))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError):
+        load_fusion_head(path)
