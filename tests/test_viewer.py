@@ -83,6 +83,13 @@ def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
     assert set(marked) == unvalidated and card.locator(".fused .nv").count() == len(unvalidated)
     assert page.evaluate("sessionStorage.getItem('orthovision.apiKey')") == KEY
     assert "validated classes" in page.inner_text("[data-testid=model-card]")
+    # A note exactly when a branch's top class differs from the fused one.
+    fused_top = max(api["probabilities"], key=api["probabilities"].get)
+    dissent = [n for n, p in api["branches"].items() if max(p, key=p.get) != fused_top]
+    note = card.locator(".disagreement")
+    assert note.count() == (1 if dissent else 0)
+    if dissent:
+        assert all(name in note.inner_text() for name in dissent)
 
     heat = card.locator("[data-testid=heatmap]")
     assert heat.evaluate("img => img.complete && img.naturalWidth") == 224
@@ -104,4 +111,14 @@ def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
     page.screenshot(path=str(path), full_page=True)
     print(f"\nviewer screenshot: {path}")
     assert external == [], f"the viewer fetched from elsewhere: {external}"
+    page.close()
+
+
+def test_viewer_without_a_key_says_what_is_missing(live_app, browser):
+    page = browser.new_page()
+    page.goto(live_app.url + "/")
+    page.wait_for_function(
+        "document.querySelector('[data-testid=model-card]').innerText.includes('to see the model')",
+        timeout=30_000,
+    )
     page.close()

@@ -42,10 +42,12 @@ let validatedClasses = null;
 
 async function loadModelCard() {
   const box = $("#model-body");
-  if (!keyInput.value.trim()) return;
+  // Without a key too: a local service (auth off) answers; one with keys says 401.
   const resp = await fetch("/v1/model", { headers: headers() });
   if (!resp.ok) {
-    box.textContent = `Model card unavailable: ${await apiError(resp)}`;
+    box.textContent = resp.status === 401
+      ? "Enter an API key to see the model card."
+      : `Model card unavailable: ${await apiError(resp)}`;
     return;
   }
   const card = await resp.json();
@@ -94,6 +96,20 @@ function bars(container, probabilities, validated) {
   }
 }
 
+const topOf = (probs) => Object.entries(probs || {}).reduce((a, b) => (b[1] > a[1] ? b : a));
+
+// When a branch's own top class differs from the fused one, say so: the reader should
+// know that the two networks did not agree.
+function branchDisagreement(result) {
+  const [fused, fusedP] = topOf(result.probabilities);
+  const others = Object.entries(result.branches || {})
+    .map(([name, probs]) => [name, ...topOf(probs)])
+    .filter(([, top]) => top !== fused);
+  if (!others.length) return "";
+  const said = others.map(([name, top, p]) => `${name} says ${top} (${(100 * p).toFixed(1)}%)`);
+  return `The branches disagree: ${said.join("; ")}; fused: ${fused} (${(100 * fusedP).toFixed(1)}%).`;
+}
+
 function render(card, result) {
   const validated = result.validated_classes || [];
   card.dataset.requestId = result.request_id;
@@ -109,6 +125,10 @@ function render(card, result) {
       "(distance from the training data; above the model card's threshold it abstains)";
   }
   bars($(".fused", card), result.probabilities, validated);
+  const disagreement = branchDisagreement(result);
+  if (disagreement) {
+    $(".label-line", card).after(el("p", { class: "disagreement" }, disagreement));
+  }
   const branches = $(".branches", card);
   for (const [name, probs] of Object.entries(result.branches || {})) {
     const weight = (result.fusion_weights || {})[name];
