@@ -119,10 +119,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from orthovision.k8s import render_k8s
-    from orthovision.render import render_all
+    from orthovision.k8s import ClusterSpec, render_k8s, served_drift_baseline
+    from orthovision.render import preset, render_all
 
-    for path in [*render_all(args.out), *render_k8s(args.k8s_out)]:
+    cluster = {
+        key: value
+        for key in ("image", "namespace", "operator_namespace", "ingress_namespace")
+        if (value := getattr(args, key)) is not None
+    }
+    spec = ClusterSpec(**cluster, drift_baseline=served_drift_baseline(preset("gpu")))
+    for path in [*render_all(args.out), *render_k8s(args.k8s_out, spec)]:
         _out(f"wrote {path}")
     return EXIT_OK
 
@@ -276,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="write deploy/*.yaml and k8s/* from the config presets")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "deploy")
     p.add_argument("--k8s-out", type=Path, default=PROJECT_ROOT / "k8s")
+    p.add_argument("--image", help="the service image, e.g. registry.hospital.example/ov:0.2")
+    p.add_argument("--namespace", help="namespace of the RayService, Redis and policies")
+    p.add_argument("--operator-namespace", help="namespace of the KubeRay operator")
+    p.add_argument("--ingress-namespace", help="namespace of the TLS-terminating ingress")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("train", help="train a checkpoint (train(cfg) -> folder)")

@@ -261,7 +261,10 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
     )
     gpu_worker = _container("ray-worker", spec, spec.gpu_worker, worker_ports, [], worker_probes)
     gpu_tolerations = {
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        # The toleration lets the pod onto GPU nodes; the selector keeps it off the others
+        # (the label of NVIDIA's GPU feature discovery / GPU operator).
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
     }
     metrics_param = {"metrics-export-port": str(METRICS_PORT)}
     return {
@@ -858,10 +861,10 @@ def render_texts(
     return texts
 
 
-def render_k8s(out_dir: Path) -> list[Path]:
+def render_k8s(out_dir: Path, spec: ClusterSpec | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_texts().items():
+    for name, text in render_texts(spec=spec).items():
         path = out_dir / name
         path.write_text(text)
         written.append(path)

@@ -450,3 +450,28 @@ def test_dashboard_has_the_drift_panels():
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     for metric in ("abstentions_total", "ood_score_bucket", "results_total", "top_probability"):
         assert f"ray_orthovision_{metric}" in exprs
+
+
+def test_render_flags_set_image_and_namespaces_without_editing_python(tmp_path):
+    from orthovision.cli import main
+
+    out, k8s_out = tmp_path / "deploy", tmp_path / "k8s"
+    main(
+        [
+            "render",
+            "--out", str(out),
+            "--k8s-out", str(k8s_out),
+            "--image", "registry.hospital.example/orthovision-serve:0.2",
+            "--namespace", "radiology-ai",
+            "--ingress-namespace", "traefik",
+        ]
+    )  # fmt: skip
+    docs = {p.name: list(yaml.safe_load_all(p.read_text())) for p in k8s_out.glob("*.yaml")}
+    (service,) = docs["rayservice.yaml"]
+    assert service["metadata"]["namespace"] == "radiology-ai"
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["image"] == "registry.hospital.example/orthovision-serve:0.2"
+    assert all(d["metadata"]["namespace"] == "radiology-ai" for d in docs["redis.yaml"])
+    assert "traefik" in (k8s_out / "network-policy.yaml").read_text()
+    gpu = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][1]["template"]["spec"]
+    assert gpu["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
