@@ -1,6 +1,6 @@
 """One typed config for training, serving and deployment.
 
-DESIGN.md: one config, three consumers (training, Serve config files, RayService).
+docs/DESIGN.md: one config, three consumers (training, Serve config files, RayService).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 
 
 class DecodeConfig(_Strict):
-    """Bounds applied before any full decode (DESIGN.md: bounded everything)."""
+    """Bounds applied before any full decode (docs/DESIGN.md: bounded everything)."""
 
     max_bytes: int = Field(64 * 1024 * 1024, gt=0)
     # 60 MP covers the largest CR/DX detectors (43x43 cm at 100 um is ~18 MP) with room.
@@ -224,7 +224,7 @@ class ServeConfig(_Strict):
 
     def model_post_init(self, _ctx: object) -> None:
         if self.backbone.max_ongoing_requests < self.batch.max_batch_size:
-            # DESIGN.md: a replica must be allowed enough requests to fill one batch.
+            # a replica must be allowed enough requests to fill one batch.
             raise ValueError("backbone.max_ongoing_requests must be >= batch.max_batch_size")
 
 
@@ -335,7 +335,7 @@ class OrthoVisionConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: object) -> OrthoVisionConfig:
-        """YAML defaults, then keyword overrides (STYLE.md: timm's train.py pattern)."""
+        """YAML defaults, then keyword overrides (timm's train.py pattern)."""
         data: dict = {}
         if path is not None:
             data = yaml.safe_load(Path(path).read_text()) or {}

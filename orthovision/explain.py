@@ -1,7 +1,7 @@
 """GradCAM++ per branch (pytorch-grad-cam) and the fusion-weighted map, plus PNG overlays.
 
-The CAM hooks live on the shared model, so a replica explains one image at a time
-(STYLE.md). Explaining leaves no trace on the model: hooks are removed, train/eval flags,
+The CAM hooks live on the shared model, so a replica explains one image at a time.
+Explaining leaves no trace on the model: hooks are removed, train/eval flags,
 requires_grad flags and .grad are restored, and no parameter or BN statistic changes.
 """
 

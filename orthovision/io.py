@@ -41,7 +41,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # warning tier would only add log noise. Its error tier (2x its limit) is caught and mapped.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 # pydicom's own log records and warnings may quote header values (a patient's name in a
-# malformed element): none of them may reach a log line (DESIGN.md). Our typed errors say
+# malformed element): none of them may reach a log line (docs/DESIGN.md). Our typed errors say
 # what went wrong instead.
 # `disabled` alone stops only records of the "pydicom" logger itself; its children
 # ("pydicom.pixels.decoders.base" logs a traceback per failed decoder) inherit the level,

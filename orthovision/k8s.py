@@ -1,4 +1,4 @@
-"""KubeRay manifests rendered from the one config (DESIGN.md: one config, three consumers).
+"""KubeRay manifests rendered from the one config (docs/DESIGN.md: one config, three consumers).
 
 `orthovision render` writes `k8s/*.yaml` and `k8s/grafana-dashboard.json` from the `gpu`
 preset: a RayService whose serveConfigV2 is the same Serve config as `deploy/gpu.yaml`,

@@ -1,6 +1,6 @@
 """Pixel pipeline shared by training and serving: pure array functions, then one Preprocessor.
 
-Order matters for speed (DESIGN.md performance principles): the decoder already gave a
+Order matters for speed (docs/DESIGN.md: performance principles): the decoder already gave a
 small image (DCT-domain / J2K-level reduction), we shrink to the model size and only
 then run CLAHE, so CLAHE never touches a full-size radiograph.
 """

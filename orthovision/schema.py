@@ -1,4 +1,4 @@
-"""The v1 prediction result (DESIGN.md HTTP contract).
+"""The v1 prediction result (docs/DESIGN.md: HTTP contract).
 
 The CLI prints it; the HTTP API returns it.
 """

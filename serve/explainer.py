@@ -1,6 +1,6 @@
 """Explainer deployment: GradCAM++ off the request path, one explanation at a time per replica.
 
-pytorch-grad-cam hooks the shared model, so max_ongoing_requests is 1 (STYLE.md).
+pytorch-grad-cam hooks the shared model, so max_ongoing_requests is 1 (one explanation at a time).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def cpu_threads(num_cpus: float) -> int:
 
 
 def limit_cpu_threads(num_cpus: float) -> int:
-    """One thread pool per replica sized to its CPUs: no oversubscription (DESIGN.md).
+    """One thread pool per replica sized to its CPUs: no oversubscription (docs/DESIGN.md).
 
     Returns the thread count, for backends with their own pool (ONNX Runtime)."""
     import cv2

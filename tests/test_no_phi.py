@@ -1,4 +1,4 @@
-"""No patient identifier in any log line, metric label or error message (DESIGN.md).
+"""No patient identifier in any log line, metric label or error message (docs/DESIGN.md).
 
 Sends every shared DICOM (and the malformed one, and synthetic files carrying fake
 identifiers) through the live app, then reads every Ray log file of the session, the
