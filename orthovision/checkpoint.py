@@ -1,4 +1,4 @@
-"""Checkpoint folder: `model.safetensors` (no pickles) + `model_card.json` (docs/DESIGN.md: checkpoint).
+"""Checkpoint folder: `model.safetensors` (no pickles) + `model_card.json` (docs/DESIGN.md).
 
 Loading verifies the sha256 of the weights and the preprocessing hash before any tensor is
 used: a replica must refuse a checkpoint trained with different pixels.

@@ -1,4 +1,4 @@
-"""Render Ray Serve config files from the one typed config (docs/DESIGN.md: one config, three consumers).
+"""Render Ray Serve config files from the one typed config (docs/DESIGN.md: one config).
 
 `deploy/*.yaml` are outputs of `orthovision render`; a test fails when a committed file
 differs from its render, so hand edits cannot drift from the config.
