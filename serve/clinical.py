@@ -43,6 +43,22 @@ def private(record: dict) -> dict:
     return record.get(PRIVATE_KEY) or {}
 
 
+def encode_model_input(pixels: np.ndarray) -> str:
+    """uint8 (1, S, S) model input -> base64 PNG text (records are JSON)."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(pixels[0]))
+    if not ok:
+        raise ValueError("model input cannot be encoded")
+    return base64.b64encode(png.tobytes()).decode("ascii")
+
+
+def decode_model_input(text: str) -> np.ndarray:
+    """The inverse of encode_model_input: uint8 (1, S, S)."""
+    grey = cv2.imdecode(np.frombuffer(base64.b64decode(text), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if grey is None:
+        raise ValueError("stored model input is not a PNG")
+    return grey[None]
+
+
 def png_to_rgb(png: bytes) -> np.ndarray:
     bgr = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:

@@ -11,6 +11,7 @@ from orthovision.checkpoint import load_fusion_head
 from orthovision.config import FusionConfig
 from orthovision.pipeline import Prepared, PreparedBatch, assemble_prediction
 from orthovision.schema import PRIVATE_KEY
+from serve.clinical import encode_model_input
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from
 
@@ -60,7 +61,12 @@ class Fusion:
         metrics().predictions.inc(tags={"label": prediction.label or "abstained"})
         result = prediction.model_dump(mode="json")
         # The ingress stores this part with the record and strips it from every response.
-        result[PRIVATE_KEY] = {"created_at": time.time(), "dicom_source": prepared.dicom_source}
+        private = {"created_at": time.time(), "dicom_source": prepared.dicom_source}
+        if prepared.dicom_source:
+            # A PACS may ask for the heat-map Secondary Capture later: keep the model input
+            # (a 224x224 grey PNG, ~30 KB) so the explanation can be made on request.
+            private["model_input_png"] = encode_model_input(prepared.pixels)
+        result[PRIVATE_KEY] = private
         return result
 
     async def model_card(self) -> dict:

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orthovision.errors import BodyTimeout, InputError, InputTooLarge, UnsupportedFormat
+from orthovision.pipeline import Prepared, PreparedBatch
 from orthovision.schema import PRIVATE_KEY, ErrorResponse, Prediction
 from serve import clinical
 from serve.admission import Admission, Overloaded
@@ -591,7 +592,7 @@ class Ingress:
 
     @api.get(
         "/v1/predictions/{request_id}/dicom/sc",
-        summary="DICOM Secondary Capture of the heat-map overlay (needs ?explain=true)",
+        summary="DICOM Secondary Capture of the heat-map overlay (made on request: 202 first)",
         responses={200: {"content": {"application/dicom": {}}}},
     )
     async def dicom_sc(self, request: Request, request_id: str) -> Response:
@@ -603,6 +604,9 @@ class Ingress:
         if source is None:
             return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
         overlay, state, note = await self._overlay_png(request_id, record, tenant)
+        if overlay is None and state == "none":
+            # A PACS asks for the SC: make the explanation now, from the stored model input.
+            state, note = await self._explain_on_request(request_id, record)
         if overlay is None:
             if state == "pending":
                 return error_response(202, "pending", note, retry_after_s=1)
@@ -614,6 +618,25 @@ class Ingress:
             return to_bytes(secondary_capture(rgb, clinical.public(record), source, created_at))
 
         return await self._dicom_response(build)
+
+    async def _explain_on_request(self, request_id: str, record: dict) -> tuple[str, str]:
+        """Queue the explanation of a stored DICOM prediction that was made without one
+        (its model input is kept in the private record); ("pending", why) or ("none", why)."""
+        stored = clinical.private(record).get("model_input_png")
+        if not stored:
+            return "none", "No explanation was requested and the model input was not kept."
+        pixels = clinical.decode_model_input(stored)
+        result = clinical.public(record)
+        item = Prepared(pixels, result.get("input", {}), result.get("quality", {}))
+        batch = PreparedBatch.of([item], pixels.shape[-1])
+        try:
+            await self.store.create_explanation(request_id, request_id)
+        except ValueError:  # a concurrent request for the same SC queued it first
+            return "pending", "The explanation is being computed; retry shortly."
+        record["explanation_url"] = f"/v1/explanations/{request_id}"
+        await self.store.put_records([(request_id, record)], ttl_s=self.cfg.serve.record_ttl_s)
+        self._queue_explanation(request_id, batch, 0, result)
+        return "pending", "The explanation was requested with this call; retry shortly."
 
     @api.post(
         "/dicomweb/studies",

@@ -174,7 +174,7 @@ def test_dicom_sr_and_sc_reference_the_source(live_app, explained_dicom):
     assert sc.pixel_array.shape == (224, 224, 3) and sc.pixel_array.std() > 0
 
 
-def test_dicom_outputs_refused_for_non_dicom_and_without_explanation(live_app):
+def test_dicom_outputs_refused_for_non_dicom_and_sc_made_on_request(live_app):
     c = live_app.client
     png = c.post("/v1/predict", content=make_png(radiograph(22))).json()
     assert c.get(f"/v1/predictions/{png['request_id']}/dicom/sr").json()["error"]["code"] == (
@@ -183,8 +183,19 @@ def test_dicom_outputs_refused_for_non_dicom_and_without_explanation(live_app):
     dcm = c.post("/v1/predict", content=make_dicom(pixels=radiograph(6).astype(np.uint16) * 16))
     rid = dcm.json()["request_id"]
     assert c.get(f"/v1/predictions/{rid}/dicom/sr").status_code == 200
-    sc = c.get(f"/v1/predictions/{rid}/dicom/sc")
-    assert sc.status_code == 404 and sc.json()["error"]["code"] == "no_explanation"
+    # Without ?explain=true the SC is made on request: 202 + Retry-After, then 200.
+    first = c.get(f"/v1/predictions/{rid}/dicom/sc")
+    assert first.status_code == 202 and first.headers["retry-after"]
+    deadline = time.monotonic() + 120
+    sc = first
+    while sc.status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        sc = c.get(f"/v1/predictions/{rid}/dicom/sc")
+    assert sc.status_code == 200, sc.text[:300]
+    image = pydicom.dcmread(io.BytesIO(sc.content))
+    assert image.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and image.pixel_array.std() > 0
+    # The prediction now links its explanation.
+    assert c.get(f"/v1/predictions/{rid}").json()["explanation_url"]
 
 
 def related_body(parts: list[bytes], boundary: str) -> bytes:
