@@ -31,10 +31,20 @@ async function apiError(resp) {
   return `HTTP ${resp.status}`;
 }
 
+// 202 + Retry-After (an SC made on request, an explanation still running): wait and ask
+// again, up to POLL_LIMIT_MS.
 async function fetchBlobUrl(url) {
-  const resp = await fetch(url, { headers: headers() });
-  if (!resp.ok) throw new Error(await apiError(resp));
-  return URL.createObjectURL(await resp.blob());
+  const started = Date.now();
+  for (;;) {
+    const resp = await fetch(url, { headers: headers() });
+    if (resp.status === 202 && Date.now() - started < POLL_LIMIT_MS) {
+      const wait = 1000 * Number(resp.headers.get("Retry-After") || 1);
+      await new Promise((resolve) => setTimeout(resolve, wait));
+      continue;
+    }
+    if (!resp.ok || resp.status === 202) throw new Error(await apiError(resp));
+    return URL.createObjectURL(await resp.blob());
+  }
 }
 
 // ---- model card --------------------------------------------------------------------
@@ -165,9 +175,8 @@ function render(card, result) {
   link("PDF report", `/v1/predictions/${rid}/report.pdf`, `orthovision-${rid}.pdf`);
   if (result.input && result.input.format === "dicom") {
     link("DICOM SR", `/v1/predictions/${rid}/dicom/sr`, `orthovision-${rid}-sr.dcm`);
-    if (result.explanation_url) {
-      link("DICOM SC", `/v1/predictions/${rid}/dicom/sc`, `orthovision-${rid}-sc.dcm`);
-    }
+    // Always offered: without an explanation the service makes one on request.
+    link("DICOM SC", `/v1/predictions/${rid}/dicom/sc`, `orthovision-${rid}-sc.dcm`);
   }
 }
 
