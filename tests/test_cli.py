@@ -186,3 +186,22 @@ def test_undecodable_dicom_prints_one_line_and_no_library_traceback(tiny_checkpo
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "UNTRAINED" not in ln]
     assert lines == [f"{bad}: rejected (undecodable): DICOM pixel data cannot be decoded"], lines
+
+
+@requires_shared
+def test_shipped_model_abstains_on_the_chest_film_and_the_phantom():
+    """Out of scope by header (chest CR) or out of distribution by the features (DX phantom),
+    with the shipped checkpoint, as a user runs it."""
+    files = [SHARED / "dicom" / n for n in ("RG1_J2KI.dcm", "JPEG2KLossless_1s_1f_u_16_16.dcm")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "orthovision.cli", "predict", *map(str, files), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    codes = [r["abstain_code"] for r in results]
+    assert all(r["abstained"] and r["label"] is None for r in results)
+    assert codes == ["out_of_scope", "out_of_distribution"], codes

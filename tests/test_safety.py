@@ -142,3 +142,13 @@ def test_drift_metrics_per_tenant_under_load(live_app):
     # Our labels are fixed sets: no file name, header value or patient identifier.
     ours = [line for line in text.splitlines() if line.startswith("ray_orthovision_")]
     assert ours and not [line for line in ours if "CHEST" in line or "PatientName" in line]
+
+
+@pytest.mark.serve
+@requires_shared
+def test_api_abstains_on_the_shared_chest_film(live_app):
+    from liveapp import post_with_retry
+
+    body = (SHARED / "dicom" / "RG1_J2KI.dcm").read_bytes()
+    r = post_with_retry(live_app.client, "/v1/predict", content=body)
+    assert r.status_code == 200 and r.json()["abstain_code"] == "out_of_scope"
