@@ -12,7 +12,7 @@ from orthovision.config import OrthoVisionConfig
 from orthovision.errors import UnsupportedFormat
 from orthovision.pipeline import PreparedBatch, model_pixels, prepare
 from orthovision.preprocess import Preprocessor
-from orthovision.render import load_serve_file, preset, render_text, serve_config
+from orthovision.render import load_serve_file, preset, render_text, serve_config, served_branches
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = OrthoVisionConfig()
@@ -79,7 +79,10 @@ def test_prepared_batch_ships_pixels_once_and_keeps_every_outcome_in_order():
 def test_committed_deploy_files_equal_their_render(name):
     committed = (ROOT / "deploy" / f"{name}.yaml").read_text()
     assert committed == render_text(preset(name)), "run `orthovision render` and commit"
-    assert load_serve_file(ROOT / "deploy" / f"{name}.yaml") == preset(name)
+    loaded, expected = load_serve_file(ROOT / "deploy" / f"{name}.yaml"), preset(name)
+    # The model section is the served checkpoint's own (render.served_model).
+    assert loaded.model_copy(update={"model": expected.model}) == expected
+    assert [b.name for b in loaded.model.backbones] == served_branches(expected)
 
 
 @pytest.mark.parametrize("name", ["local", "gpu"])
