@@ -698,7 +698,7 @@ def evaluate_checkpoint(
     if unknown:
         raise ValueError(f"labels {sorted(unknown)} are not among the checkpoint's classes")
     model = ckpt.model
-    logits = predict_logits(model, pixels, 64, "cpu")
+    features, logits = branch_outputs(model, pixels)  # features: the OOD table below
     y_true = np.asarray([classes.index(s.label) for s in kept], dtype=np.int64)
     groups = [s.group for s in kept]
     training = card.get("training", {})
@@ -735,7 +735,12 @@ def evaluate_checkpoint(
 
         local = LocalPredictor(ckpt)
         report.extra["ood"] = ood_report(
-            model, detector, card["ood"]["threshold"], pixels, lambda b: local.prepare(b).pixels
+            model,
+            detector,
+            card["ood"]["threshold"],
+            pixels,
+            lambda b: local.prepare(b).pixels,
+            test_outputs=(features, logits),
         )
     report.extra.update(
         {

@@ -531,8 +531,9 @@ def codestream_geometry(frame: bytes) -> tuple[int, int, int] | None:
     raise UndecodableImage("JPEG codestream has no frame header")
 
 
-def _check_codestream(ds, frames: int, rows: int, cols: int) -> None:
-    """Refuse compressed pixel data whose codestream declares another size than the header."""
+def _first_frame(ds, frames: int, rows: int, cols: int) -> bytes:
+    """The first compressed frame, refused when its codestream declares another size than
+    the header (the decoders would allocate the codestream's size)."""
     import pydicom
 
     try:
@@ -540,14 +541,13 @@ def _check_codestream(ds, frames: int, rows: int, cols: int) -> None:
     except Exception:  # noqa: BLE001 - any broken encapsulation is the client's
         raise UndecodableImage("DICOM encapsulated pixel data cannot be read") from None
     geometry = codestream_geometry(bytes(frame[: 1 << 16]))
-    if geometry is None:
-        return
-    width, height, components = geometry
-    if (width, height) != (cols, rows) or components != 1:
+    if geometry is not None and geometry != (cols, rows, 1):
+        width, height, components = geometry
         raise UndecodableImage(
             f"compressed pixel data declares {width}x{height}x{components}, "
             f"the header {cols}x{rows}x1"
         )
+    return frame
 
 
 def _dicom_source(ds) -> dict[str, str] | None:
@@ -728,8 +728,9 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
     sample_bytes = max(1, (bits_allocated + 7) // 8)
     # Codecs (openjpeg, libjpeg, CharLS) work in 32-bit samples, then hand back the array.
     _check_decoded_bytes(cols, rows, sample_bytes + (4 if compressed else 0), cfg)
+    frame = None
     if compressed:
-        _check_codestream(ds, frames, rows, cols)
+        frame = _first_frame(ds, frames, rows, cols)
     else:
         expected = rows * cols * frames * ((bits_allocated + 7) // 8)
         if bits_allocated == 1:
@@ -740,8 +741,7 @@ def _decode_dicom(data: bytes, cfg: DecodeConfig, target: int) -> DecodedImage:
     raw: np.ndarray | None = None
     factor = 1
     try:
-        if ts_uid in pydicom.uid.JPEG2000TransferSyntaxes and target > 0:
-            frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=frames)
+        if ts_uid in pydicom.uid.JPEG2000TransferSyntaxes and target > 0 and frame:
             reduced = _j2k_reduced(frame, ds, target)
             if reduced is not None:
                 raw, factor = reduced

@@ -113,28 +113,21 @@ class OODDetector:
         )
 
 
-def ensemble_features(model, pixels: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Penultimate features (N, D) per branch of an Ensemble for uint8 (N, 1, S, S) inputs."""
-    from orthovision.evaluate import branch_outputs
-
-    return branch_outputs(model, pixels, batch_size)[0]
-
-
 def fit_for_checkpoint(
-    model,
-    train_pixels: np.ndarray,
+    train_features: Mapping[str, np.ndarray],
     train_labels: np.ndarray,
-    val_pixels: np.ndarray,
+    val_features: Mapping[str, np.ndarray],
     out_dir: Path,
     keep_fraction: float = 0.95,
-) -> dict:
-    """Fit on the training split, threshold at `keep_fraction` of validation images kept;
-    write ood.safetensors and return the card's `ood` section."""
-    detector = OODDetector.fit(ensemble_features(model, train_pixels), np.asarray(train_labels))
-    val_scores = detector.score(ensemble_features(model, val_pixels))
+) -> tuple[dict, np.ndarray]:
+    """Fit on the training split's features, threshold at `keep_fraction` of validation
+    images kept; write ood.safetensors. Returns the card's `ood` section and the validation
+    scores (the drift baseline is built from them)."""
+    detector = OODDetector.fit(train_features, np.asarray(train_labels))
+    val_scores = detector.score(val_features)
     threshold = float(np.quantile(val_scores, keep_fraction))
     sha = detector.save(Path(out_dir) / OOD_FILE)
-    return {
+    section = {
         "method": METHOD,
         "file": OOD_FILE,
         "sha256": sha,
@@ -146,9 +139,8 @@ def fit_for_checkpoint(
             "p95": float(np.quantile(val_scores, 0.95)),
             "abstain_rate": float(np.mean(val_scores > threshold)),
         },
-        # Not written to the card (the drift baseline is built from them).
-        "_val_scores": val_scores,
     }
+    return section, val_scores
 
 
 def load_for_checkpoint(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from orthovision.errors import InputError
-from orthovision.ood import OODDetector, ensemble_features
+from orthovision.ood import OODDetector
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 NON_BONE_DICOMS = ("RG1_J2KI.dcm", "JPEG2KLossless_1s_1f_u_16_16.dcm")  # chest, phantom
@@ -104,18 +104,22 @@ def ood_report(
     test_pixels: np.ndarray,
     prepare: Callable[[bytes], np.ndarray],
     shared_dicom: Path = SHARED_DICOM,
+    test_outputs: tuple[dict, dict] | None = None,
 ) -> dict:
     """AUROC of the OOD score (and of the energy score) per OOD set against the test split,
-    the fraction of each set abstained on, and the in-distribution abstention rate."""
+    the fraction of each set abstained on, and the in-distribution abstention rate.
+    `test_outputs`: the test pixels' (features, logits) when the caller has them already."""
     from sklearn.metrics import roc_auc_score
 
-    from orthovision.evaluate import predict_logits
+    from orthovision.evaluate import branch_outputs
+
+    def from_outputs(features: dict, logits: dict) -> tuple[np.ndarray, np.ndarray]:
+        return detector.score(features), energy(logits)
 
     def scores(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not len(pixels):
             return np.zeros(0), np.zeros(0)
-        maha = detector.score(ensemble_features(model, pixels))
-        return maha, energy(predict_logits(model, pixels))
+        return from_outputs(*branch_outputs(model, pixels))
 
     rng = np.random.default_rng(0)
     sample = test_pixels[rng.permutation(len(test_pixels))[:120]]
@@ -135,7 +139,7 @@ def ood_report(
         sets["non-bone DICOMs (chest CR, DX phantom)"] = _prepared_pixels(
             [p.read_bytes() for p in dicoms], prepare
         )
-    in_maha, in_energy = scores(test_pixels)
+    in_maha, in_energy = from_outputs(*test_outputs) if test_outputs else scores(test_pixels)
     rows = []
     for name, pixels in sets.items():
         maha, en = scores(pixels)
@@ -192,16 +196,17 @@ def attach_safety(
 ) -> dict:
     """Fit the OOD detector (train split features, validation threshold), write it beside
     the weights, and add `ood`, `scope` and `drift_baseline` to the card (returned)."""
-    from orthovision.evaluate import fused_probabilities, predict_logits
+    from orthovision.evaluate import branch_outputs, fused_probabilities
     from orthovision.ood import fit_for_checkpoint
 
-    section = fit_for_checkpoint(model, train_px, np.asarray(train_labels), val_px, out_dir)
-    val_scores = section.pop("_val_scores")
+    train_features, _ = branch_outputs(model, train_px)
+    val_features, val_logits = branch_outputs(model, val_px)  # one pass: features and logits
+    section, val_scores = fit_for_checkpoint(
+        train_features, np.asarray(train_labels), val_features, out_dir
+    )
     card["ood"] = section
     card["scope"] = scope_for(card)
-    probs = fused_probabilities(
-        predict_logits(model, val_px), model.fusion_weights.numpy(), float(model.temperature)
-    )
+    probs = fused_probabilities(val_logits, model.fusion_weights.numpy(), float(model.temperature))
     card["drift_baseline"] = drift_baseline(probs, val_scores, card)
     return card
 

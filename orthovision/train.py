@@ -551,8 +551,8 @@ def train(
     # The held-out test split, once, on the weights exactly as stored (float16 convs).
     metrics: dict = {}
     test_idx = data.indices("test")
+    stored_model = load_checkpoint(out_dir).model
     if evaluate_test and test_idx:
-        stored_model = load_checkpoint(out_dir).model
         test_logits = predict_logits(stored_model, data.pixels[test_idx], tc.eval_batch_size)
         report = compute_report(
             test_logits,
@@ -582,10 +582,9 @@ def train(
     if operating_point is not None:
         card["operating_point"] = operating_point
     # "Not for me": the OOD detector on this model's features, scope, drift baseline.
-    stored = load_checkpoint(out_dir).model
     card = attach_safety(
         card,
-        stored,
+        stored_model,
         data.pixels[data.indices("train")],
         train_targets,
         data.pixels[val_idx],

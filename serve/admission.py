@@ -42,24 +42,23 @@ class Admission:
     async def upload(self, tenant: str) -> AsyncIterator[None]:
         if self.uploads[tenant] >= self.max_uploads:
             raise Overloaded()
-        self.uploads[tenant] += 1
-        try:
+        async with self._held(self.uploads, tenant):
             yield
-        finally:
-            self._release(self.uploads, tenant)
 
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str) -> AsyncIterator[None]:
         if self.total >= self.max_inflight or self.inflight[tenant] >= self.share(tenant):
             raise Overloaded()
-        self.inflight[tenant] += 1
+        async with self._held(self.inflight, tenant):
+            yield
+
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def _held(counts: Counter[str], tenant: str) -> AsyncIterator[None]:
+        counts[tenant] += 1
         try:
             yield
         finally:
-            self._release(self.inflight, tenant)
-
-    @staticmethod
-    def _release(counts: Counter[str], tenant: str) -> None:
-        counts[tenant] -= 1
-        if counts[tenant] <= 0:
-            del counts[tenant]  # bounded: only tenants with work in progress are kept
+            counts[tenant] -= 1
+            if counts[tenant] <= 0:
+                del counts[tenant]  # bounded: only tenants with work in progress are kept

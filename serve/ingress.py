@@ -289,9 +289,9 @@ class Ingress:
                 if isinstance(item, InputError) and job.early and not job.early.done():
                     job.early.set_result(item.to_result())
         results = await fused
-        metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
-        records = []
         m = metrics()
+        m.stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
+        records = []
         for index, (job, result) in enumerate(zip(jobs, results, strict=True)):
             if "error" in result:
                 continue
@@ -352,7 +352,7 @@ class Ingress:
         async with self.admitted(tenant, lambda: self._single_image(request)) as data:
             early = asyncio.get_running_loop().create_future()
             job = Job(data, current_request_id(), explain, tenant, early)
-            return self._json(await first_answer(self.gatherer.submit(job), job.early))
+            return self._json(await first_answer(self.gatherer.submit(job), early))
 
     async def _body(self, request: Request) -> bytes:
         return await read_body(
@@ -450,11 +450,16 @@ class Ingress:
         return self._explanation_state(record)
 
     async def _explanation_record(self, explanation_id: str, tenant: str):
-        """The stored record, None unless `tenant` owns its prediction (explanation id ==
-        request id); one left pending past its deadline (its ingress replica died before
-        recording the outcome) is failed here, so nothing stays pending forever."""
+        """The stored explanation, None unless `tenant` owns its prediction (explanation id
+        == request id)."""
         if await self._owned_record(explanation_id, tenant) is None:
             return None
+        return await self._live_explanation(explanation_id)
+
+    async def _live_explanation(self, explanation_id: str):
+        """The stored explanation of a prediction whose owner is already checked; one left
+        pending past its deadline (its ingress replica died before recording the outcome)
+        is failed here, so nothing stays pending forever."""
         record = await self.store.get_explanation(explanation_id)
         deadline_s = 2 * self.cfg.serve.explanation_timeout_s + 30
         if record and record.state == "pending" and time.time() - record.updated_at > deadline_s:
@@ -513,14 +518,12 @@ class Ingress:
         tenant = self.guard(request, "read")
         return JSONResponse(clinical.public(await self._stored_record(request_id, tenant)))
 
-    async def _overlay_png(
-        self, request_id: str, record: dict, tenant: str
-    ) -> tuple[bytes | None, str, str]:
-        """(overlay PNG or None, explanation state, why there is none); explanation id ==
-        request id."""
+    async def _overlay_png(self, request_id: str, record: dict) -> tuple[bytes | None, str, str]:
+        """(overlay PNG or None, explanation state, why there is none) of a stored record the
+        caller already owns; explanation id == request id."""
         if not record.get("explanation_url"):
             return None, "none", "No explanation was requested for this image."
-        explanation = await self._explanation_record(request_id, tenant)
+        explanation = await self._live_explanation(request_id)
         if explanation is None:
             return None, "expired", "The explanation has expired."
         if explanation.state == "pending":
@@ -539,7 +542,7 @@ class Ingress:
 
         tenant = self.guard(request, "read")
         record = await self._stored_record(request_id, tenant)
-        overlay, _state, note = await self._overlay_png(request_id, record, tenant)
+        overlay, _state, note = await self._overlay_png(request_id, record)
         private = clinical.private(record)
         created = dt.datetime.fromtimestamp(private.get("created_at", time.time()), dt.timezone.utc)
         source = private.get("dicom_source") or {}
@@ -603,7 +606,7 @@ class Ingress:
         source = self._dicom_source(record)
         if source is None:
             return error_response(404, "not_dicom", "DICOM outputs exist for DICOM inputs only")
-        overlay, state, note = await self._overlay_png(request_id, record, tenant)
+        overlay, state, note = await self._overlay_png(request_id, record)
         if overlay is None and state == "none":
             # A PACS asks for the SC: make the explanation now, from the stored model input.
             state, note = await self._explain_on_request(request_id, record)

@@ -50,12 +50,14 @@ def add_ood_detector(ckpt_dir: Path, threshold: float) -> None:
     import numpy as np
 
     from orthovision.checkpoint import CARD_FILE, load_checkpoint
-    from orthovision.ood import OODDetector, ensemble_features
+    from orthovision.evaluate import branch_outputs
+    from orthovision.ood import OODDetector
     from orthovision.pipeline import LocalPredictor
 
     local = LocalPredictor(load_checkpoint(ckpt_dir))
     pixels = np.stack([local.prepare(make_png(radiograph(seed=s))).pixels for s in range(24)])
-    detector = OODDetector.fit(ensemble_features(local.model, pixels), np.arange(24) % 2)
+    features, _ = branch_outputs(local.model, pixels)
+    detector = OODDetector.fit(features, np.arange(24) % 2)
     sha = detector.save(ckpt_dir / "ood.safetensors")
     card = json.loads((ckpt_dir / CARD_FILE).read_text())
     card["ood"] = {
