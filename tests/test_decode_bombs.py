@@ -84,3 +84,15 @@ def test_largest_accepted_input_decodes_within_memory(tmp_path, name, body):
     result = decode_in_child(tmp_path, body)
     assert result["status"] in (200, 422), result  # 422: a blank image may fail later checks
     assert result["growth_mb"] < MAX_GROWTH_MB, result
+
+
+if __name__ == "__main__":  # the docs/RELIABILITY.md table: python tests/test_decode_bombs.py
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, body in [*largest_accepted(), *((c.name, c.body) for c in BOMBS)]:
+            r = decode_in_child(Path(tmp), body)
+            print(
+                f"{name}: {len(body) >> 10} KB, status {r['status']}, "
+                f"{r['seconds']:.2f} s, +{r['growth_mb']:.0f} MB"
+            )
