@@ -196,12 +196,32 @@ def test_fit_temperature_recovers_a_known_scale():
     assert probs.shape == (4000, 4)
 
 
-def test_compare_runs_each_backbone_under_one_budget(tmp_path: Path, four_class_sources):
-    cfg = tiny_cfg(tmp_path, four_class_sources, max_steps_per_epoch=1)
+def test_compare_runs_each_backbone_under_one_budget(
+    tmp_path: Path, four_class_sources, monkeypatch
+):
+    # The recipe's per-branch settings follow the branch the config names for that backbone.
+    cfg = tiny_cfg(
+        tmp_path,
+        four_class_sources,
+        max_steps_per_epoch=1,
+        branch_lr={"resnet18": 3e-3},
+        frozen_prefixes=["branches.efficientnet_b0.conv_stem"],
+    )
     rows = compare_backbones(cfg, ["test_efficientnet", "test_resnet"], tmp_path / "cmp")
     assert [r["backbone"] for r in rows] == ["test_efficientnet", "test_resnet"]
     assert all(0 <= r["val_macro_f1"] <= 1 and r["initial_weights"] == "none" for r in rows)
+    assert all(0 <= r["val_auc"] <= 1 for r in rows)
+    assert [r["lr"] for r in rows] == [cfg.train.lr, 3e-3]
+    assert [r["frozen"] for r in rows] == [["branches.efficientnet_b0.conv_stem"], []]
     assert (tmp_path / "cmp" / "compare.json").is_file()
+
+    # Resumable: finished rows are read back, nothing trains again.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished backbone was trained again")
+
+    monkeypatch.setattr("orthovision.train.train", no_training)
+    again = compare_backbones(cfg, ["test_efficientnet", "test_resnet"], tmp_path / "cmp")
+    assert again == rows
 
 
 @pytest.mark.slow
