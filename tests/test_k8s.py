@@ -22,7 +22,7 @@ from orthovision.k8s import (
     DASHBOARD_PORT,
     GCS_PORT,
     ClusterSpec,
-    deployments,
+    deployment_configs,
     group_bounds,
     ray_version,
     render_texts,
@@ -261,7 +261,7 @@ def test_every_deployment_lands_on_a_group_that_advertises_its_resource():
     gpu = next(g for g in CLUSTER["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     cfg = preset("gpu")
-    placed = {name: set(d.resources) for name, d in deployments(cfg).items()}
+    placed = {name: set(d.resources) for name, d in deployment_configs(cfg).items()}
     assert placed["Ingress"] == placed["Preprocessor"] == placed["Fusion"] == {CPU_NODE_RESOURCE}
     assert placed["Explainer"] == {MODEL_NODE_RESOURCE}
     backbones = [name for name in placed if name.startswith("Backbone_")]
@@ -272,9 +272,9 @@ def test_every_deployment_lands_on_a_group_that_advertises_its_resource():
 def test_worker_groups_hold_every_deployment_at_max_replicas():
     cfg, spec = preset("gpu"), ClusterSpec()
     bounds = group_bounds(cfg, spec)
-    gpus_at_max = sum(d.max_replicas * d.num_gpus for d in deployments(cfg).values())
+    gpus_at_max = sum(d.max_replicas * d.num_gpus for d in deployment_configs(cfg).values())
     assert bounds["gpu"][1] * spec.gpu_worker.gpu >= gpus_at_max
-    cpu_pool = [d for d in deployments(cfg).values() if CPU_NODE_RESOURCE in d.resources]
+    cpu_pool = [d for d in deployment_configs(cfg).values() if CPU_NODE_RESOURCE in d.resources]
     assert bounds["cpu"][1] * spec.cpu_worker.cpu >= sum(
         d.max_replicas * d.num_cpus for d in cpu_pool
     )
@@ -334,7 +334,7 @@ def test_alerts_cover_the_slos_with_thresholds_from_the_config():
         assert r["expr"].count("(") == r["expr"].count(")"), r["alert"]
         assert r["labels"]["severity"] in ("page", "warning")
     pinned = {r["labels"]["deployment"]: r for r in rules if r["alert"].endswith("AtMax")}
-    for name, d in deployments(preset("gpu")).items():
+    for name, d in deployment_configs(preset("gpu")).items():
         if d.autoscaled:
             assert pinned[name]["expr"].endswith(f">= {d.max_replicas}")
 
