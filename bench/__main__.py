@@ -24,8 +24,9 @@ from bench import images as image_sets
 from bench.compute import compute_limit
 from bench.loadgen import Body, closed_loop, open_loop
 from bench.procs import Server, port_is_free
+from orthovision.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 
 
 def log(msg: str) -> None:
@@ -59,7 +60,8 @@ def machine_info(device: str) -> dict:
 def serve_config(args: argparse.Namespace, tmp: Path):
     """The preset under test, moved to a private port and store (never a running service's)."""
     from orthovision.config import OrthoVisionConfig
-    from orthovision.render import load_serve_file, preset
+    from serve.manifests.presets import preset
+    from serve.manifests.serve_config import load_serve_file
 
     cfg = load_serve_file(args.config) if args.config else preset("local")
     if args.gpu:
@@ -101,7 +103,7 @@ def gpu_bench_config(cfg, cpus: int):
 
 
 def write_serve_file(cfg, tmp: Path) -> Path:
-    from orthovision.render import render_text
+    from serve.manifests.render import render_text
 
     path = tmp / "bench-serve.yaml"
     path.write_text(render_text(cfg))
@@ -112,7 +114,7 @@ def service_server(cfg, tmp: Path) -> Server:
     """The service under `cfg` (its host and port), as a child process logging into tmp."""
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     config_file = write_serve_file(cfg, tmp)
-    cmd = [sys.executable, "-m", "orthovision.cli", "serve", "--config", str(config_file)]
+    cmd = [sys.executable, "-m", "serve.commands", "serve", "--config", str(config_file)]
     return Server("orthovision-serve", cmd, url + "/readyz", tmp / "serve.log")
 
 
@@ -262,7 +264,7 @@ def main() -> None:
     for s in sets.values():
         log(f"images {s.name}: {len(s.samples)} ({s.source}), mean {s.mean_bytes} bytes")
 
-    from orthovision.checkpoint import read_card
+    from orthovision.model.checkpoint import read_card
     from serve.runtime import checkpoint_path
 
     # The checkpoint's branches are what the replicas run (they follow the checkpoint).

@@ -22,16 +22,17 @@ import numpy as np
 import torch
 
 from bench.images import DICOM_DIR, FRACTURE_XRAY, fullsize
-from orthovision.checkpoint import load_checkpoint
 from orthovision.config import OrthoVisionConfig
+from orthovision.imaging.preprocess import Preprocessor, to_model_input
 from orthovision.labels import CLASSES
-from orthovision.pipeline import model_pixels
-from orthovision.preprocess import Preprocessor, to_model_input
+from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.pipeline import model_pixels
 from serve.runtime import checkpoint_path
 
 
 def validation_images(cfg: OrthoVisionConfig, limit: int | None) -> tuple[list[bytes], list[int]]:
-    from orthovision.data import grouped_stratified_split, iter_fracture_xray
+    from orthovision.datasets.sources import iter_fracture_xray
+    from orthovision.datasets.splits import grouped_stratified_split
 
     if not (FRACTURE_XRAY / "manifest.csv").is_file():
         return [], []
@@ -64,7 +65,7 @@ def main() -> None:
     pixels = [model_pixels(b, cfg, pre) for b in val_bytes + extra]
     x_all = torch.from_numpy(np.stack(pixels))
 
-    from orthovision.onnx_backend import OnnxBranch
+    from orthovision.model.onnx_backend import OnnxBranch
 
     candidates = {
         name: OnnxBranch(

@@ -29,7 +29,7 @@ from bench.raycluster import (
     replica_counts,
 )
 from orthovision.config import DeploymentConfig, OrthoVisionConfig, ServeConfig
-from orthovision.render import served_branches
+from serve.manifests.serve_config import served_branches
 
 # The Preprocessor and each Backbone of the served (default) checkpoint.
 WATCHED = ["Preprocessor"] + [f"Backbone_{n}" for n in served_branches(OrthoVisionConfig())]

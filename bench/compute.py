@@ -27,13 +27,13 @@ def make_runner(model, branch: str, backend: str, device: str, threads: int) -> 
     """uint8 (B, 1, S, S) CPU tensor -> logits, on the backend a Backbone replica would use."""
     import torch
 
-    from orthovision.preprocess import to_model_input
+    from orthovision.imaging.preprocess import to_model_input
 
     norm = model.norms[branch]
     mean, std = norm.mean.tolist(), norm.std.tolist()
     net = model.branches[branch].eval()
     if backend == "onnx":
-        from orthovision.onnx_backend import OnnxBranch
+        from orthovision.model.onnx_backend import OnnxBranch
 
         size = 224
         onnx = OnnxBranch(
@@ -63,7 +63,7 @@ def _sha(model) -> str:
 def child(args: argparse.Namespace) -> dict:
     import torch
 
-    from orthovision.checkpoint import load_checkpoint
+    from orthovision.model.checkpoint import load_checkpoint
     from serve.runtime import checkpoint_path, config_from
 
     if args.device == "cpu":

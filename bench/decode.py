@@ -20,8 +20,8 @@ from pydicom.pixels import pixel_array
 
 from bench import images as image_sets
 from orthovision.config import OrthoVisionConfig
-from orthovision.pipeline import prepare
-from orthovision.preprocess import Preprocessor
+from orthovision.imaging.preprocess import Preprocessor
+from orthovision.model.pipeline import prepare
 
 PLUGINS = ("pyjpegls", "pylibjpeg", "pillow", "gdcm")
 

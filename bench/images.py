@@ -17,7 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from orthovision.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 SHARED = ROOT.parent / "shared" / "data"
 FRACTURE_XRAY = SHARED / "fracture-xray"
 DICOM_DIR = SHARED / "dicom"
@@ -71,8 +73,8 @@ def _accepted(samples: list[Sample]) -> list[Sample]:
     """Keep only what the service classifies (a rejected input would measure an error path)."""
     from orthovision.config import OrthoVisionConfig
     from orthovision.errors import InputError
-    from orthovision.pipeline import prepare
-    from orthovision.preprocess import Preprocessor
+    from orthovision.imaging.preprocess import Preprocessor
+    from orthovision.model.pipeline import prepare
 
     cfg = OrthoVisionConfig()
     pre = Preprocessor(cfg.preprocess)

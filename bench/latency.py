@@ -14,11 +14,12 @@ import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from orthovision.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 SHARED_JPEG = (
     ROOT.parent / "shared" / "data" / "fracture-xray" / "fractured" / "001fc7ee522043ab.jpg"
 )

@@ -16,10 +16,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from orthovision.checkpoint import load_checkpoint
 from orthovision.config import OrthoVisionConfig
-from orthovision.evaluate import branch_outputs, split_samples
-from orthovision.models import build_ensemble
+from orthovision.evaluation.run import branch_outputs, split_samples
+from orthovision.model.backbones import build_ensemble
+from orthovision.model.checkpoint import load_checkpoint
 
 BRANCH = "efficientnet_lite0"
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from bench.latency import sample_jpeg
 from bench.raycluster import LOOPBACK, RayNode, RetryingClient, cluster, deploy, free_port
 from orthovision.config import OrthoVisionConfig, ServeConfig
-from orthovision.render import CPU_NODE_RESOURCE, MODEL_NODE_RESOURCE
+from serve.manifests.serve_config import CPU_NODE_RESOURCE, MODEL_NODE_RESOURCE
 
 POOL_CAPACITY = 1000.0
 

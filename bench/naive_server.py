@@ -22,10 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from orthovision.checkpoint import load_checkpoint
 from orthovision.config import OrthoVisionConfig
-from orthovision.io import decode_radiograph, sniff_format
-from orthovision.preprocess import fit_within, pad_center
+from orthovision.imaging.decode import decode_radiograph, sniff_format
+from orthovision.imaging.preprocess import fit_within, pad_center
+from orthovision.model.checkpoint import load_checkpoint
 from serve.runtime import checkpoint_path, pick_device
 
 cfg = OrthoVisionConfig()

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from orthovision.config import OrthoVisionConfig
-from orthovision.io import decode_radiograph
-from orthovision.preprocess import Preprocessor, clahe
+from orthovision.imaging.decode import decode_radiograph
+from orthovision.imaging.preprocess import Preprocessor, clahe
 
 SHARED_IMAGE = (
     Path(__file__).resolve().parents[2]

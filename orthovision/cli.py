@@ -1,4 +1,5 @@
-"""`orthovision` command line: predict, init-checkpoint, serve, render, train, evaluate, compare.
+"""The library's commands: predict, init-checkpoint, train, evaluate, compare, fit-ood, report,
+bulk (`serve` and `render` come from serve/commands.py, the console script's entry point).
 
 Thin wrappers over the library.
 """
@@ -10,23 +11,19 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from orthovision.errors import InputError
+from orthovision.paths import default_checkpoint
 
 log = logging.getLogger("orthovision")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = PROJECT_ROOT / "models" / "default"
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 2
 
 
-def default_checkpoint() -> Path:
-    return Path(os.environ.get("ORTHOVISION_CHECKPOINT", DEFAULT_CHECKPOINT))
-
-
-def _out(line: str, stream: TextIO | None = None) -> None:
+def write_line(line: str, stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout  # looked up per call: tests and wrappers swap sys.stdout
     stream.write(line + "\n")
     stream.flush()
@@ -34,7 +31,7 @@ def _out(line: str, stream: TextIO | None = None) -> None:
 
 def _warn_if_untrained(card: dict) -> None:
     if not card.get("trained", False):
-        _out(
+        write_line(
             "WARNING: this checkpoint has RANDOM, UNTRAINED weights: its outputs mean nothing "
             "and every class is unvalidated, so every result abstains.",
             sys.stderr,
@@ -42,8 +39,8 @@ def _warn_if_untrained(card: dict) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from orthovision.checkpoint import load_checkpoint
-    from orthovision.pipeline import LocalPredictor
+    from orthovision.model.checkpoint import load_checkpoint
+    from orthovision.model.pipeline import LocalPredictor
 
     checkpoint = load_checkpoint(args.checkpoint)
     _warn_if_untrained(checkpoint.card)
@@ -56,7 +53,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            _out(f"{path}: cannot read file: {exc.strerror}", sys.stderr)
+            write_line(f"{path}: cannot read file: {exc.strerror}", sys.stderr)
             status = EXIT_REJECTED
             continue
         try:
@@ -64,11 +61,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except InputError as exc:
             status = EXIT_REJECTED
             if args.json:
-                _out(json.dumps({"file": str(path), "error": exc.to_dict()}))
-            _out(f"{path}: rejected ({exc.code}): {exc.message}", sys.stderr)
+                write_line(json.dumps({"file": str(path), "error": exc.to_dict()}))
+            write_line(f"{path}: rejected ({exc.code}): {exc.message}", sys.stderr)
             continue
         if args.explain:
-            from orthovision.explain import explain, overlay_png
+            from orthovision.model.explain import explain, overlay_png
 
             target = predictor.cfg.model.classes.index(
                 max(prediction.probabilities, key=prediction.probabilities.get)
@@ -80,22 +77,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
             )
             prediction.explanation_url = out_png.resolve().as_uri()
         if args.json:
-            _out(json.dumps({"file": str(path), **prediction.model_dump(mode="json")}))
+            write_line(json.dumps({"file": str(path), **prediction.model_dump(mode="json")}))
         else:
             top = max(prediction.probabilities, key=prediction.probabilities.get)
             shown = prediction.label or f"abstained ({prediction.abstain_reason})"
             warnings = [f["message"] for f in prediction.quality.model_dump()["findings"]]
             extra = f"; quality: {', '.join(warnings)}" if warnings else ""
-            _out(f"{path}: {shown}; top {top} p={prediction.probabilities[top]:.3f}{extra}")
+            write_line(f"{path}: {shown}; top {top} p={prediction.probabilities[top]:.3f}{extra}")
     return status
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     import torch
 
-    from orthovision.checkpoint import save_checkpoint
     from orthovision.config import OrthoVisionConfig
-    from orthovision.models import build_ensemble
+    from orthovision.model.backbones import build_ensemble
+    from orthovision.model.checkpoint import save_checkpoint
 
     cfg = OrthoVisionConfig.load(args.config)
     torch.manual_seed(args.seed)
@@ -108,28 +105,7 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
         trained=False,
         data={"note": f"random initialisation, seed {args.seed}; trained on no data"},
     )
-    _out(f"wrote untrained checkpoint to {path}")
-    return EXIT_OK
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from serve.run import run
-
-    return run(args.config)
-
-
-def cmd_render(args: argparse.Namespace) -> int:
-    from orthovision.k8s import ClusterSpec, render_k8s, served_drift_baseline
-    from orthovision.render import preset, render_all
-
-    cluster = {
-        key: value
-        for key in ("image", "namespace", "operator_namespace", "ingress_namespace")
-        if (value := getattr(args, key)) is not None
-    }
-    spec = ClusterSpec(**cluster, drift_baseline=served_drift_baseline(preset("gpu")))
-    for path in [*render_all(args.out), *render_k8s(args.k8s_out, spec)]:
-        _out(f"wrote {path}")
+    write_line(f"wrote untrained checkpoint to {path}")
     return EXIT_OK
 
 
@@ -155,17 +131,17 @@ def _config_with_overrides(path: Path | None, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orthovision.train import train
+    from orthovision.training.loop import train
 
     logging.getLogger("orthovision").setLevel(logging.INFO)
     cfg = _config_with_overrides(args.config, args.overrides)
     path = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    _out(f"wrote checkpoint to {path}")
+    write_line(f"wrote checkpoint to {path}")
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from orthovision.evaluate import evaluate_checkpoint
+    from orthovision.evaluation.run import evaluate_checkpoint
 
     report = evaluate_checkpoint(
         args.checkpoint,
@@ -175,37 +151,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         progress=not args.no_progress,
     )
-    _out(json.dumps(report.summary(), indent=1))
+    write_line(json.dumps(report.summary(), indent=1))
     return EXIT_OK
 
 
 def cmd_fit_ood(args: argparse.Namespace) -> int:
-    from orthovision.ood_eval import fit_checkpoint_ood
+    from orthovision.safety.fitting import fit_checkpoint_ood
 
     section = fit_checkpoint_ood(args.checkpoint, args.data)
-    _out(json.dumps(section, indent=1))
+    write_line(json.dumps(section, indent=1))
     return EXIT_OK
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from orthovision.report import comparison_table
-    from orthovision.train import PAPER_BACKBONES, compare_backbones
+    from orthovision.training.compare import PAPER_BACKBONES, compare_backbones
+    from orthovision.training.table import comparison_table
 
     logging.getLogger("orthovision").setLevel(logging.INFO)
     cfg = _config_with_overrides(args.config, args.overrides)
     rows = compare_backbones(
         cfg, args.backbones or PAPER_BACKBONES, args.out, progress=not args.no_progress
     )
-    _out(comparison_table(rows, cfg.train))
+    write_line(comparison_table(rows, cfg.train))
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Offline counterpart of GET /v1/predictions/{id}/report.pdf: classify, explain, PDF."""
-    from orthovision.checkpoint import load_checkpoint
-    from orthovision.explain import explain, overlay_png
-    from orthovision.pdf_report import render_report
-    from orthovision.pipeline import LocalPredictor
+    from orthovision.clinical.pdf import build_pdf_report
+    from orthovision.model.checkpoint import load_checkpoint
+    from orthovision.model.explain import explain, overlay_png
+    from orthovision.model.pipeline import LocalPredictor
 
     checkpoint = load_checkpoint(args.checkpoint)
     _warn_if_untrained(checkpoint.card)
@@ -213,10 +189,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         prediction, prepared = predictor.predict(args.image.read_bytes())
     except OSError as exc:
-        _out(f"{args.image}: cannot read file: {exc.strerror}", sys.stderr)
+        write_line(f"{args.image}: cannot read file: {exc.strerror}", sys.stderr)
         return EXIT_REJECTED
     except InputError as exc:
-        _out(f"{args.image}: rejected ({exc.code}): {exc.message}", sys.stderr)
+        write_line(f"{args.image}: rejected ({exc.code}): {exc.message}", sys.stderr)
         return EXIT_REJECTED
     overlay = None
     if not args.no_explain:
@@ -225,15 +201,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         heat = explain(predictor.model, prepared.pixels, target_class=target).heatmap
         overlay = overlay_png(prepared.pixels[0], heat, predictor.cfg.explain.overlay_alpha)
     out = args.out or args.image.with_suffix(".report.pdf")
-    out.write_bytes(render_report(prediction.model_dump(mode="json"), overlay))
-    _out(f"wrote {out}")
+    out.write_bytes(build_pdf_report(prediction.model_dump(mode="json"), overlay))
+    write_line(f"wrote {out}")
     return EXIT_OK
 
 
 def cmd_bulk(args: argparse.Namespace) -> int:
     import asyncio
 
-    from orthovision.bulk import RetryPolicy, discover, run_bulk
+    from orthovision.client.bulk import RetryPolicy, discover, run_bulk
 
     paths = discover(args.source)
     try:
@@ -251,16 +227,22 @@ def cmd_bulk(args: argparse.Namespace) -> int:
             )
         )
     except KeyboardInterrupt:
-        _out(f"interrupted: finished items are in {args.out}; run again to resume", sys.stderr)
+        write_line(
+            f"interrupted: finished items are in {args.out}; run again to resume", sys.stderr
+        )
         return 130
     for line in summary.lines():
-        _out(line, sys.stderr)
+        write_line(line, sys.stderr)
     return summary.exit_code()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The library's commands; `extend(subparsers)` adds more (the serving package adds
+    `serve` and `render`, so the library never imports it)."""
     parser = argparse.ArgumentParser(prog="orthovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    if extend is not None:
+        extend(sub)
 
     p = sub.add_parser("predict", help="classify radiographs (PNG, JPEG, DICOM)")
     p.add_argument("files", nargs="+", type=Path)
@@ -274,19 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_checkpoint)
-
-    p = sub.add_parser("serve", help="run the HTTP service on a local Ray")
-    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "deploy" / "local.yaml")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("render", help="write deploy/*.yaml and k8s/* from the config presets")
-    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "deploy")
-    p.add_argument("--k8s-out", type=Path, default=PROJECT_ROOT / "k8s")
-    p.add_argument("--image", help="the service image, e.g. registry.hospital.example/ov:0.2")
-    p.add_argument("--namespace", help="namespace of the RayService, Redis and policies")
-    p.add_argument("--operator-namespace", help="namespace of the KubeRay operator")
-    p.add_argument("--ingress-namespace", help="namespace of the TLS-terminating ingress")
-    p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("train", help="train a checkpoint (train(cfg) -> folder)")
     p.add_argument("-c", "--config", type=Path, help="YAML config (OrthoVisionConfig)")
@@ -354,15 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from orthovision.checkpoint import CheckpointError
+    args = build_parser(extend).parse_args(argv)
+    from orthovision.model.checkpoint import CheckpointError
 
     try:
         return args.func(args)
     except CheckpointError as exc:
-        _out(f"checkpoint error: {exc}", sys.stderr)
+        write_line(f"checkpoint error: {exc}", sys.stderr)
         return EXIT_ERROR
 
 

@@ -232,7 +232,7 @@ DataSourceKind = Literal["fracture-xray", "btxrd", "folders"]
 
 
 class DataSourceConfig(_Strict):
-    """One dataset to read (orthovision.data adapters); several combine into one 4-class set."""
+    """One dataset to read (orthovision.datasets adapters); several combine into one 4-class set."""
 
     kind: DataSourceKind
     path: str

@@ -8,12 +8,12 @@ from pydantic import BaseModel, Field
 from ray.serve import Application
 
 from orthovision.config import OrthoVisionConfig
-from orthovision.render import deployment_options
 from serve.auth import check_binding
 from serve.backbone import BackboneDeployment
 from serve.explainer import ExplainerDeployment
 from serve.fusion import FusionDeployment
 from serve.ingress import Ingress
+from serve.manifests.serve_config import deployment_options
 from serve.preprocessor import PreprocessorDeployment
 from serve.runtime import checkpoint_branches
 

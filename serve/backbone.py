@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from ray import serve
 
-from orthovision.checkpoint import load_checkpoint
-from orthovision.ood import branch_features, load_for_checkpoint
-from orthovision.pipeline import PreparedBatch
-from orthovision.preprocess import to_model_input
+from orthovision.imaging.preprocess import to_model_input
+from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.pipeline import PreparedBatch
+from orthovision.safety.ood import branch_features, load_for_checkpoint
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -47,7 +47,7 @@ class Backbone:
         self.backend = "torch"
         self.onnx = None
         if self.device.type == "cpu" and cfg.serve.cpu_backend == "onnx":
-            from orthovision.onnx_backend import OnnxBranch
+            from orthovision.model.onnx_backend import OnnxBranch
 
             self.onnx = OnnxBranch(
                 ckpt.model.branches[branch],

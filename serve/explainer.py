@@ -12,9 +12,9 @@ import time
 import torch
 from ray import serve
 
-from orthovision.checkpoint import load_checkpoint
-from orthovision.explain import explain, grey_png, heatmap_rgba_png, overlay_png
-from orthovision.pipeline import Prepared, PreparedBatch
+from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.explain import explain, grey_png, heatmap_rgba_png, overlay_png
+from orthovision.model.pipeline import Prepared, PreparedBatch
 from serve.clinical import layers_key
 from serve.metrics import metrics
 from serve.runtime import (

@@ -7,9 +7,9 @@ import time
 import numpy as np
 from ray import serve
 
-from orthovision.checkpoint import load_fusion_head
 from orthovision.config import FusionConfig
-from orthovision.pipeline import Prepared, PreparedBatch, assemble_prediction
+from orthovision.model.checkpoint import load_fusion_head
+from orthovision.model.pipeline import Prepared, PreparedBatch, assemble_prediction
 from orthovision.schema import PRIVATE_KEY
 from serve.clinical import encode_model_input
 from serve.metrics import metrics

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orthovision.errors import BodyTimeout, InputError, InputTooLarge, UnsupportedFormat
-from orthovision.pipeline import Prepared, PreparedBatch
+from orthovision.model.pipeline import Prepared, PreparedBatch
 from orthovision.schema import PRIVATE_KEY, ErrorResponse, Prediction
 from serve import clinical
 from serve.admission import Admission, Overloaded
@@ -538,7 +538,7 @@ class Ingress:
         responses={200: {"content": {"application/pdf": {}}}},
     )
     async def report_pdf(self, request: Request, request_id: str) -> Response:
-        from orthovision.pdf_report import render_report
+        from orthovision.clinical.pdf import build_pdf_report
 
         tenant = self.guard(request, "read")
         record = await self._stored_record(request_id, tenant)
@@ -547,7 +547,7 @@ class Ingress:
         created = dt.datetime.fromtimestamp(private.get("created_at", time.time()), dt.timezone.utc)
         source = private.get("dicom_source") or {}
         pdf = await asyncio.to_thread(
-            render_report,
+            build_pdf_report,
             clinical.public(record),
             overlay,
             note,
@@ -569,7 +569,7 @@ class Ingress:
         responses={200: {"content": {"application/dicom": {}}}},
     )
     async def dicom_sr(self, request: Request, request_id: str) -> Response:
-        from orthovision.dicom_out import structured_report, to_bytes
+        from orthovision.clinical.dicom_objects import structured_report, to_bytes
 
         tenant = self.guard(request, "read")
         record = await self._stored_record(request_id, tenant)
@@ -599,7 +599,7 @@ class Ingress:
         responses={200: {"content": {"application/dicom": {}}}},
     )
     async def dicom_sc(self, request: Request, request_id: str) -> Response:
-        from orthovision.dicom_out import secondary_capture, to_bytes
+        from orthovision.clinical.dicom_objects import secondary_capture, to_bytes
 
         tenant = self.guard(request, "read")
         record = await self._stored_record(request_id, tenant)
@@ -652,7 +652,7 @@ class Ingress:
         client accepts only application/dicom+json, else `{"stow": ..., "results": [...]}`
         with one v1 result (or error) per instance, in order. SR/SC per instance at
         /v1/predictions/{request_id}/dicom/sr|sc."""
-        from orthovision import dicomweb as dw
+        from orthovision.clinical import dicomweb as dw
 
         tenant = self.guard(request, "dicomweb", *(("explain",) if explain else ()))
         boundary = dw.related_boundary(request.headers.get("content-type", ""))

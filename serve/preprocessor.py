@@ -9,8 +9,8 @@ import time
 from ray import serve
 
 from orthovision.errors import InputError, UndecodableImage
-from orthovision.pipeline import Prepared, PreparedBatch, prepare
-from orthovision.preprocess import Preprocessor as PixelPreprocessor
+from orthovision.imaging.preprocess import Preprocessor as PixelPreprocessor
+from orthovision.model.pipeline import Prepared, PreparedBatch, prepare
 from serve.metrics import metrics
 from serve.runtime import config_from, limit_cpu_threads
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from orthovision.checkpoint import read_card
-from orthovision.render import load_serve_file
+from orthovision.model.checkpoint import read_card
 from serve.app import AppArgs, build_app
+from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path
 
 log = logging.getLogger("orthovision.serve")

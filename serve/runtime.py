@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from orthovision.config import OrthoVisionConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from orthovision.paths import project_path
 
 
 def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
@@ -24,7 +23,7 @@ def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
 def checkpoint_path(cfg: OrthoVisionConfig) -> Path:
     """Relative checkpoint paths are relative to the project, wherever Ray starts a worker."""
     path = Path(os.environ.get("ORTHOVISION_CHECKPOINT", cfg.serve.checkpoint))
-    return path if path.is_absolute() else PROJECT_ROOT / path
+    return project_path(path)
 
 
 def pick_device(preference: str) -> torch.device:
@@ -80,6 +79,6 @@ def enable_cudnn_autotune() -> None:
 def checkpoint_branches(cfg: OrthoVisionConfig) -> list[str]:
     """Branch names of the checkpoint that will be served (its card, not the serving config:
     a checkpoint may carry other backbones than today's defaults)."""
-    from orthovision.checkpoint import branch_names, read_card
+    from orthovision.model.checkpoint import branch_names, read_card
 
     return branch_names(read_card(checkpoint_path(cfg)))

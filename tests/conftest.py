@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+from orthovision.paths import SHARED_DATA
+
+SHARED = SHARED_DATA
 requires_shared = pytest.mark.skipif(
     not SHARED.exists(), reason="../shared/data absent (fresh clone): real-data tests skipped"
 )
@@ -37,9 +39,9 @@ def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random-weight checkpoint of the tiny backbones (fracture, non-affected validated)."""
     import torch
 
-    from orthovision.checkpoint import save_checkpoint
     from orthovision.config import ModelConfig, OrthoVisionConfig
-    from orthovision.models import build_ensemble
+    from orthovision.model.backbones import build_ensemble
+    from orthovision.model.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     model = ModelConfig(backbones=TINY_BACKBONES)

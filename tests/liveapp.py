@@ -49,10 +49,10 @@ def add_ood_detector(ckpt_dir: Path, threshold: float) -> None:
 
     import numpy as np
 
-    from orthovision.checkpoint import CARD_FILE, load_checkpoint
-    from orthovision.evaluate import branch_outputs
-    from orthovision.ood import OODDetector
-    from orthovision.pipeline import LocalPredictor
+    from orthovision.evaluation.run import branch_outputs
+    from orthovision.model.checkpoint import CARD_FILE, load_checkpoint
+    from orthovision.model.pipeline import LocalPredictor
+    from orthovision.safety.ood import OODDetector
 
     local = LocalPredictor(load_checkpoint(ckpt_dir))
     pixels = np.stack([local.prepare(make_png(radiograph(seed=s))).pixels for s in range(24)])
@@ -74,9 +74,9 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
     import torch
     from ray import serve
 
-    from orthovision.checkpoint import save_checkpoint
     from orthovision.config import ModelConfig, OrthoVisionConfig, ServeConfig
-    from orthovision.models import build_ensemble
+    from orthovision.model.backbones import build_ensemble
+    from orthovision.model.checkpoint import save_checkpoint
     from serve.app import AppArgs, build_app
     from serve.auth import hash_key
 

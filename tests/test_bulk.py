@@ -15,8 +15,8 @@ import pytest
 from conftest import make_png
 from liveapp import KEY, radiograph
 
-from orthovision.bulk import RetryPolicy, discover, finished_hashes, retry_after_s, run_bulk
 from orthovision.cli import main
+from orthovision.client.bulk import RetryPolicy, discover, finished_hashes, retry_after_s, run_bulk
 
 FAST = RetryPolicy(max_attempts=5, base_s=0.001, cap_s=0.01)
 

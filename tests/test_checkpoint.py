@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from orthovision.checkpoint import (
+from orthovision.config import BackboneConfig, ModelConfig, OrthoVisionConfig, PreprocessConfig
+from orthovision.model.backbones import Ensemble, build_ensemble
+from orthovision.model.checkpoint import (
     CARD_FILE,
     WEIGHTS_FILE,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from orthovision.config import BackboneConfig, ModelConfig, OrthoVisionConfig, PreprocessConfig
-from orthovision.models import Ensemble, build_ensemble
 
 
 def tiny_config(pretrained: str = "none") -> OrthoVisionConfig:
@@ -211,7 +211,7 @@ def test_save_refuses_inconsistent_card(tmp_path, kwargs, match):
 def test_fusion_head_matches_the_full_checkpoint_and_checks_the_hash(tmp_path):
     from conftest import save_tiny_checkpoint
 
-    from orthovision.checkpoint import CheckpointError, load_checkpoint, load_fusion_head
+    from orthovision.model.checkpoint import CheckpointError, load_checkpoint, load_fusion_head
 
     path = save_tiny_checkpoint(tmp_path / "ckpt")
     head, full = load_fusion_head(path), load_checkpoint(path)

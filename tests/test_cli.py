@@ -26,12 +26,13 @@ from conftest import (
     requires_shared,
 )
 
-from orthovision.checkpoint import save_checkpoint
 from orthovision.cli import main
 from orthovision.config import ModelConfig, OrthoVisionConfig
-from orthovision.models import build_ensemble
+from orthovision.model.backbones import build_ensemble
+from orthovision.model.checkpoint import save_checkpoint
+from orthovision.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 
 
 @pytest.fixture(scope="module")

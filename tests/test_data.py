@@ -12,23 +12,24 @@ import pytest
 import torch
 from conftest import SHARED, make_jpeg, make_other_format, make_png, requires_shared
 
-from orthovision import data as data_mod
 from orthovision.config import DataSourceConfig, OrthoVisionConfig
-from orthovision.data import (
+from orthovision.datasets import cleaning, sources
+from orthovision.datasets.cleaning import PixelCache, clean_and_cache
+from orthovision.datasets.loading import (
     CachedImageDataset,
-    PixelCache,
-    Sample,
     balanced_sampler,
-    btxrd_label,
     class_weights,
-    clean_and_cache,
+    prepare_data,
+)
+from orthovision.datasets.sources import (
+    Sample,
+    btxrd_label,
     detect_source,
-    grouped_stratified_split,
     iter_btxrd,
     iter_class_folders,
     iter_fracture_xray,
-    prepare_data,
 )
+from orthovision.datasets.splits import grouped_stratified_split
 
 BTXRD_SAMPLE = SHARED / "btxrd-labels" / "dataset-sample.csv"
 
@@ -148,7 +149,7 @@ def test_btxrd_patient_column_becomes_the_group(tmp_path: Path):
 
 def test_btxrd_missing_columns_fail_loudly(tmp_path: Path):
     (tmp_path / "dataset.csv").write_text("image_id,tumor\nA.jpeg,0\n")
-    with pytest.raises(data_mod.DatasetFormatError, match="benign"):
+    with pytest.raises(sources.DatasetFormatError, match="benign"):
         list(iter_btxrd(tmp_path))
 
 
@@ -217,7 +218,7 @@ def test_pixel_cache_avoids_a_second_decode(tmp_path: Path, cfg, monkeypatch):
     def boom(*_a, **_k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_mod, "model_pixels", boom)
+    monkeypatch.setattr(cleaning, "model_pixels", boom)
     _, second, _ = clean_and_cache(sample, cfg, cache)
     np.testing.assert_array_equal(first, second)
     # Another preprocessing hash is another cache: never stale pixels.

@@ -14,12 +14,14 @@ import pytest
 from conftest import make_dicom
 from hostile import bomb_cases, deflated_dicom_small, png_of_zeros
 
-ROOT = Path(__file__).resolve().parents[1]
+from orthovision.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 MAX_GROWTH_MB = 500
 CHILD = """
 import json, sys, time
 from orthovision.errors import InputError
-from orthovision.io import decode_radiograph
+from orthovision.imaging.decode import decode_radiograph
 
 def peak_kb():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
     for line in open("/proc/self/status"):

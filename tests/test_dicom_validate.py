@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import make_dicom, radiograph
 
-from orthovision.dicom_out import secondary_capture, structured_report, to_bytes
-from orthovision.io import decode_radiograph
+from orthovision.clinical.dicom_objects import secondary_capture, structured_report, to_bytes
+from orthovision.imaging.decode import decode_radiograph
 
 DCIODVFY = shutil.which("dciodvfy")
 pytestmark = pytest.mark.skipif(

@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from conftest import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, make_dicom
 
-from orthovision.dicom_out import derived_uid, structured_report, to_bytes
-from orthovision.dicomweb import (
+from orthovision.clinical.dicom_objects import derived_uid, structured_report, to_bytes
+from orthovision.clinical.dicomweb import (
     FailedInstance,
     StoredInstance,
     related_boundary,
@@ -21,7 +21,7 @@ from orthovision.dicomweb import (
     stow_status,
 )
 from orthovision.errors import InputError, InputTooLarge, UnsupportedFormat
-from orthovision.io import decode_radiograph
+from orthovision.imaging.decode import decode_radiograph
 
 
 @pytest.mark.parametrize(

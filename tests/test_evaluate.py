@@ -11,17 +11,17 @@ from test_data import write_fracture_layout
 from test_train import tiny_cfg
 
 from orthovision import cli
-from orthovision.evaluate import (
+from orthovision.evaluation.metrics import (
     NO_SAMPLES,
     calibration,
-    compute_report,
-    evaluate_checkpoint,
     group_level,
     per_class_table,
     roc_auc_ovr,
 )
+from orthovision.evaluation.results import compute_report
+from orthovision.evaluation.run import evaluate_checkpoint
 from orthovision.labels import CLASSES
-from orthovision.train import train
+from orthovision.training.loop import train
 
 PLOTS = (
     "confusion_matrix.png",

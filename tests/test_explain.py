@@ -9,8 +9,8 @@ import timm
 import torch
 
 from orthovision.config import BackboneConfig, ModelConfig
-from orthovision.explain import explain, overlay_png, target_layer_name
-from orthovision.models import Ensemble, build_ensemble
+from orthovision.model.backbones import Ensemble, build_ensemble
+from orthovision.model.explain import explain, overlay_png, target_layer_name
 
 SIZE = 96
 

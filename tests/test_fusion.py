@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from orthovision.fusion import decide, fuse_logits, fusion_weights_from_params
 from orthovision.labels import CLASSES
+from orthovision.model.fusion import decide, fuse_logits, fusion_weights_from_params
 
 VALIDATED = ("fracture", "non-affected")
 

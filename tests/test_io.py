@@ -1,4 +1,4 @@
-"""orthovision.io: sniffing, bounds, every decoder path, and no identifier leaks."""
+"""orthovision.imaging.decode: sniffing, bounds, every decoder path, and no identifier leaks."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from orthovision.errors import (
     UndecodableImage,
     UnsupportedFormat,
 )
-from orthovision.io import DecodedImage, decode_radiograph, sniff_format
+from orthovision.imaging.decode import decode_radiograph, sniff_format
+from orthovision.imaging.pixels import DecodedImage
 
 DICOM_DIR = SHARED / "dicom"
 BAD_DIR = SHARED / "bad-inputs"
@@ -374,7 +375,7 @@ def test_real_j2k_reduced_matches_full_decode() -> None:
 
 @requires_shared
 def test_real_j2k_lossy_reduced_where_pillow_allows_a_shallower_level() -> None:
-    from orthovision.io import _j2k_reduced
+    from orthovision.imaging.dicom import _j2k_reduced
 
     # Pillow refuses this stream at reduce 2-3 but reads it at reduce 1: a half-size decode
     # (then an area downscale), not the full-size fallback (2.5x the time).

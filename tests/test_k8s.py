@@ -11,26 +11,20 @@ import copy
 import json
 import re
 from functools import cache
-from pathlib import Path
 
 import pytest
 import yaml
 
 from orthovision.config import OrthoVisionConfig
-from orthovision.k8s import (
-    CLIENT_PORT,
-    DASHBOARD_PORT,
-    GCS_PORT,
-    ClusterSpec,
-    deployment_configs,
-    group_bounds,
-    ray_version,
-    render_texts,
-)
-from orthovision.render import CPU_NODE_RESOURCE, MODEL_NODE_RESOURCE, preset, served_branches
+from orthovision.paths import PROJECT_ROOT, SHARED_ROOT
+from serve.manifests.cluster import ClusterSpec, deployment_configs, group_bounds, ray_version
+from serve.manifests.kuberay import CLIENT_PORT, DASHBOARD_PORT, GCS_PORT
+from serve.manifests.presets import preset
+from serve.manifests.render import render_texts
+from serve.manifests.serve_config import CPU_NODE_RESOURCE, MODEL_NODE_RESOURCE, served_branches
 
-ROOT = Path(__file__).resolve().parents[1]
-KUBERAY = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kuberay"
+ROOT = PROJECT_ROOT
+KUBERAY = SHARED_ROOT / "schemas" / "kuberay"
 requires_crds = pytest.mark.skipif(
     not KUBERAY.exists(),
     reason="../shared/schemas/kuberay absent (fresh clone): KubeRay CRD validation skipped",
@@ -406,7 +400,7 @@ def test_alert_rules_pass_promtool(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (.ci/run installs Debian's prometheus)")
-    from orthovision.k8s import drift_rules
+    from serve.manifests.monitoring import drift_rules
 
     (rule_doc,) = [d for d in DOCS["monitoring.yaml"] if d["kind"] == "PrometheusRule"]
     spec = dict(rule_doc["spec"])
@@ -425,7 +419,7 @@ def test_alert_rules_pass_promtool(tmp_path):
 
 
 def test_drift_alerts_follow_the_card_baseline():
-    from orthovision.k8s import drift_rules
+    from serve.manifests.monitoring import drift_rules
 
     baseline = {
         "abstain_rate": 0.04,
@@ -453,7 +447,7 @@ def test_dashboard_has_the_drift_panels():
 
 
 def test_render_flags_set_image_and_namespaces_without_editing_python(tmp_path):
-    from orthovision.cli import main
+    from serve.commands import main
 
     out, k8s_out = tmp_path / "deploy", tmp_path / "k8s"
     main(

@@ -7,9 +7,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from orthovision.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 
 PROBE = """
 import json

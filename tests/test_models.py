@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from orthovision.config import BackboneConfig, ModelConfig
-from orthovision.models import (
+from orthovision.model.backbones import (
     Ensemble,
     WeightLoadError,
     backbone_data_config,

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from orthovision.onnx_backend import OnnxBranch  # noqa: E402
+from orthovision.model.onnx_backend import OnnxBranch
 
 
 @pytest.mark.parametrize("timm_name", ["test_resnet", "test_efficientnet"])

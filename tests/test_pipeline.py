@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from conftest import SHARED, gradient, make_dicom, make_jpeg, make_png, requires_shared
 
 from orthovision.config import OrthoVisionConfig
 from orthovision.errors import UnsupportedFormat
-from orthovision.pipeline import PreparedBatch, model_pixels, prepare
-from orthovision.preprocess import Preprocessor
-from orthovision.render import load_serve_file, preset, render_text, serve_config, served_branches
+from orthovision.imaging.preprocess import Preprocessor
+from orthovision.model.pipeline import PreparedBatch, model_pixels, prepare
+from orthovision.paths import PROJECT_ROOT
+from serve.manifests.presets import preset
+from serve.manifests.render import render_text
+from serve.manifests.serve_config import load_serve_file, serve_config, served_branches
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 CFG = OrthoVisionConfig()
 
 

@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from orthovision.augment import train_augmentation
 from orthovision.config import PreprocessConfig
-from orthovision.preprocess import (
+from orthovision.imaging.preprocess import (
     Preprocessor,
     clahe,
     fit_within,
@@ -12,6 +11,7 @@ from orthovision.preprocess import (
     to_model_input,
     to_uint8,
 )
+from orthovision.training.augment import train_augmentation
 
 
 def gradient(h: int, w: int, dtype=np.uint8, top: int = 255) -> np.ndarray:

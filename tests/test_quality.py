@@ -3,8 +3,8 @@ import pytest
 
 from orthovision.config import QualityConfig
 from orthovision.errors import QualityRejected
-from orthovision.io import DecodedImage
-from orthovision.quality import assess_quality
+from orthovision.imaging.pixels import DecodedImage
+from orthovision.imaging.quality import assess_quality
 
 
 def radiograph_like(h: int = 300, w: int = 250, seed: int = 0) -> np.ndarray:

@@ -17,10 +17,10 @@ from conftest import (
 )
 from liveapp import add_ood_detector
 
-from orthovision.checkpoint import load_checkpoint
-from orthovision.ood import OODDetector
-from orthovision.pipeline import LocalPredictor
-from orthovision.scope import out_of_scope
+from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.pipeline import LocalPredictor
+from orthovision.safety.ood import OODDetector
+from orthovision.safety.scope import out_of_scope
 
 
 def test_scope_from_body_part_and_description():

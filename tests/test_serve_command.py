@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,8 +15,10 @@ import yaml
 from conftest import TINY_BACKBONES, save_tiny_checkpoint
 from liveapp import free_port
 
+from orthovision.paths import PROJECT_ROOT
+
 pytestmark = pytest.mark.serve
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 
 
 def test_serve_command_starts_with_auth_on(tmp_path):
@@ -37,7 +38,7 @@ def test_serve_command_starts_with_auth_on(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     env = {**os.environ, "ORTHOVISION_API_KEYS": "clinic=serve-test-key"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orthovision.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "serve.commands", "serve", "--config", str(path)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -12,11 +12,13 @@ import yaml
 from conftest import SHARED, requires_shared
 from test_data import btxrd_rows, write_btxrd_layout, write_fracture_layout
 
-from orthovision.checkpoint import load_checkpoint
 from orthovision.config import OrthoVisionConfig
-from orthovision.data import prepare_data
-from orthovision.evaluate import fused_probabilities
-from orthovision.train import compare_backbones, fit_temperature, train
+from orthovision.datasets.loading import prepare_data
+from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.probabilities import fused_probabilities
+from orthovision.training.calibration import fit_temperature
+from orthovision.training.compare import compare_backbones
+from orthovision.training.loop import train
 
 TINY = [
     {"name": "efficientnet_b0", "timm_name": "test_efficientnet"},
@@ -129,7 +131,7 @@ def test_recipe_options_train_select_by_auc_and_set_an_operating_point(tmp_path:
 
 
 def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
-    from orthovision.train import choose_operating_point
+    from orthovision.training.calibration import choose_operating_point
 
     classes = ["fracture", "non-affected"]
     y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
@@ -144,7 +146,7 @@ def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
 
 def test_early_stopping_waits_for_min_epochs_then_patience():
     from orthovision.config import TrainConfig
-    from orthovision.train import _plateaued
+    from orthovision.training.loop import _plateaued
 
     tc = TrainConfig(patience=2, min_epochs=4)
     best = {"a": {"epoch": 1}, "b": {"epoch": 2}}
@@ -219,7 +221,7 @@ def test_compare_runs_each_backbone_under_one_budget(
     def no_training(*args, **kwargs):
         raise AssertionError("a finished backbone was trained again")
 
-    monkeypatch.setattr("orthovision.train.train", no_training)
+    monkeypatch.setattr("orthovision.training.compare.train", no_training)
     again = compare_backbones(cfg, ["test_efficientnet", "test_resnet"], tmp_path / "cmp")
     assert again == rows
 

@@ -24,7 +24,7 @@ resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 with atheris.instrument_imports(include=["orthovision", "pydicom"]):
     from orthovision.config import DecodeConfig
     from orthovision.errors import InputError
-    from orthovision.io import decode_radiograph
+    from orthovision.imaging.decode import decode_radiograph
 
 CFG = DecodeConfig(max_bytes=1 << 20, max_pixels=4_000_000, max_side_px=8_000)
 PEAK_RSS_LIMIT_KB = 1024 * 1024

@@ -14,16 +14,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from orthovision.checkpoint import Checkpoint
 from orthovision.config import FusionConfig, OrthoVisionConfig
 from orthovision.errors import InputError
-from orthovision.fusion import Decision, decide, fuse_logits
-from orthovision.io import DecodedImage, decode_radiograph
-from orthovision.ood import branch_features, load_for_checkpoint
-from orthovision.preprocess import Preprocessor
-from orthovision.quality import assess_quality
+from orthovision.imaging.decode import decode_radiograph
+from orthovision.imaging.pixels import DecodedImage
+from orthovision.imaging.preprocess import Preprocessor
+from orthovision.imaging.quality import assess_quality
+from orthovision.model.checkpoint import Checkpoint
+from orthovision.model.fusion import Decision, decide, fuse_logits
+from orthovision.safety.ood import branch_features, load_for_checkpoint
+from orthovision.safety.scope import out_of_scope
 from orthovision.schema import Prediction
-from orthovision.scope import out_of_scope
 
 
 @dataclass(frozen=True)

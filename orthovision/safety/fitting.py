@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from orthovision.errors import InputError
-from orthovision.ood import OODDetector
+from orthovision.paths import SHARED_DATA
+from orthovision.safety.ood import OODDetector
 
-SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
+SHARED_DICOM = SHARED_DATA / "dicom"
 NON_BONE_DICOMS = ("RG1_J2KI.dcm", "JPEG2KLossless_1s_1f_u_16_16.dcm")  # chest, phantom
 TUMOUR_CASE = "RG3_J2KR.dcm"  # a benign bone tumour of the distal tibia: reported alone
 
@@ -97,7 +98,7 @@ def energy(logits: dict[str, np.ndarray]) -> np.ndarray:
     return np.mean([-logsumexp(lg, axis=1) for lg in logits.values()], axis=0)
 
 
-def ood_report(
+def ood_separation(
     model,
     detector: OODDetector,
     threshold: float,
@@ -111,7 +112,7 @@ def ood_report(
     `test_outputs`: the test pixels' (features, logits) when the caller has them already."""
     from sklearn.metrics import roc_auc_score
 
-    from orthovision.evaluate import branch_outputs
+    from orthovision.evaluation.run import branch_outputs
 
     def from_outputs(features: dict, logits: dict) -> tuple[np.ndarray, np.ndarray]:
         return detector.score(features), energy(logits)
@@ -173,8 +174,8 @@ def ood_report(
 
 
 def scope_for(card: dict) -> dict:
-    """The card's `scope`: the anatomy its datasets document (orthovision/scope.py)."""
-    from orthovision.scope import FRACTURE_XRAY_SCOPE, NOT_EXTREMITY_BODY_PARTS
+    """The card's `scope`: the anatomy its datasets document (orthovision/safety/scope.py)."""
+    from orthovision.safety.scope import FRACTURE_XRAY_SCOPE, NOT_EXTREMITY_BODY_PARTS
 
     names = [d.get("name") for d in (card.get("data") or {}).get("datasets", [])]
     if names == ["fracture-xray"]:
@@ -196,8 +197,9 @@ def attach_safety(
 ) -> dict:
     """Fit the OOD detector (train split features, validation threshold), write it beside
     the weights, and add `ood`, `scope` and `drift_baseline` to the card (returned)."""
-    from orthovision.evaluate import branch_outputs, fused_probabilities
-    from orthovision.ood import fit_for_checkpoint
+    from orthovision.evaluation.run import branch_outputs
+    from orthovision.model.probabilities import fused_probabilities
+    from orthovision.safety.ood import fit_for_checkpoint
 
     train_features, _ = branch_outputs(model, train_px)
     val_features, val_logits = branch_outputs(model, val_px)  # one pass: features and logits
@@ -218,8 +220,8 @@ def fit_checkpoint_ood(
     weights and their sha256 are untouched). Returns the `ood` section."""
     import json
 
-    from orthovision.checkpoint import CARD_FILE, load_checkpoint
-    from orthovision.evaluate import split_samples
+    from orthovision.evaluation.run import split_samples
+    from orthovision.model.checkpoint import CARD_FILE, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     classes = list(ckpt.config.model.classes)
@@ -237,7 +239,7 @@ def drift_baseline(probs: np.ndarray, ood_scores: np.ndarray, card: dict) -> dic
     """What production should look like, from the validation split through the serving
     decision rule: label mix (with 'abstained'), abstention rate (all and by OOD), mean top
     probability, OOD score quantiles. The drift alerts compare live rates with these."""
-    from orthovision.fusion import decide
+    from orthovision.model.fusion import decide
 
     classes = list(card["classes"])
     validated = card.get("validated_classes", [])

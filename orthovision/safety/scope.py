@@ -4,7 +4,7 @@ The card's `scope` section (written at training time from the data's own documen
 names the anatomy the training data covers and the body parts that are clearly outside it.
 A DICOM whose BodyPartExamined is one of those gets an abstention (`out_of_scope`), never a
 finding; an unknown or missing body part falls through to the pixel-based OOD score
-(orthovision/ood.py).
+(orthovision/safety/ood.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 
 from orthovision.config import QualityCheck, QualityConfig
 from orthovision.errors import QualityRejected
-from orthovision.io import DecodedImage
+from orthovision.imaging.pixels import DecodedImage
 
 Severity = Literal["error", "warning"]
 

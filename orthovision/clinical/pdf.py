@@ -26,7 +26,7 @@ def _pct(p: float) -> str:
     return f"{100.0 * p:.1f}%"
 
 
-def render_report(
+def build_pdf_report(
     result: dict,
     overlay_png: bytes | None,
     explanation_note: str | None = None,

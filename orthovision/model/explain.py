@@ -19,7 +19,7 @@ from pytorch_grad_cam import GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from orthovision.models import Ensemble
+from orthovision.model.backbones import Ensemble
 
 
 @dataclass

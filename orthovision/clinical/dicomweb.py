@@ -78,7 +78,7 @@ def split_related(body: bytes, boundary: str, max_parts: int) -> list[Part]:
 
 def is_part10(data: bytes) -> bool:
     """A DICOM Part 10 file: 128-byte preamble, then "DICM"."""
-    from orthovision.io import DICOM_PREAMBLE_BYTES
+    from orthovision.imaging.dicom import DICOM_PREAMBLE_BYTES
 
     return data[DICOM_PREAMBLE_BYTES : DICOM_PREAMBLE_BYTES + 4] == b"DICM"
 
@@ -91,7 +91,7 @@ def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
     """
     from pydicom.uid import UID
 
-    from orthovision.io import read_dicom
+    from orthovision.imaging.dicom import read_dicom
 
     if not is_part10(data):
         return "", ""

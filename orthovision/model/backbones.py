@@ -1,6 +1,6 @@
 """Backbones through one timm factory, and the OrthoVision ensemble (learned fusion).
 
-Checkpoints (save/load, safetensors) live in `orthovision.checkpoint`.
+Checkpoints (save/load, safetensors) live in `orthovision.model.checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from orthovision.config import BackboneConfig, ModelConfig
-from orthovision.fusion import fuse_logits, fusion_weights_from_params
-from orthovision.preprocess import to_model_input
+from orthovision.imaging.preprocess import to_model_input
+from orthovision.model.fusion import fuse_logits, fusion_weights_from_params
 
 IMAGENET_CLASSES = 1000
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"

@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from orthovision.config import OrthoVisionConfig, PreprocessConfig
-from orthovision.models import Ensemble
+from orthovision.model.backbones import Ensemble
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
@@ -150,7 +150,7 @@ def load_fusion_head(
     backbones: the Fusion replica holds a few numbers, not two CNNs."""
     from safetensors import safe_open
 
-    from orthovision.fusion import fusion_weights_from_params
+    from orthovision.model.fusion import fusion_weights_from_params
 
     path = Path(path)
     card = read_card(path)

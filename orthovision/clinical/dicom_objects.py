@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from orthovision.io import DICOM_SOURCE_ATTRIBUTES, DICOM_SOURCE_UIDS
+from orthovision.imaging.dicom import DICOM_SOURCE_ATTRIBUTES, DICOM_SOURCE_UIDS
 
 MANUFACTURER = "OrthoVision"
 SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902

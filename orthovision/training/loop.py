@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,28 +31,28 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from orthovision.augment import train_augmentation
-from orthovision.checkpoint import CARD_FILE, load_checkpoint, save_checkpoint
 from orthovision.config import OrthoVisionConfig
-from orthovision.data import (
-    PreparedData,
-    balanced_sampler,
-    class_weights,
-    prepare_data,
-    write_split_csv,
+from orthovision.datasets.loading import PreparedData, balanced_sampler, class_weights, prepare_data
+from orthovision.datasets.splits import write_split_csv
+from orthovision.evaluation.metrics import at_threshold, selection_metrics
+from orthovision.evaluation.results import compute_report
+from orthovision.evaluation.run import predict_logits
+from orthovision.model.backbones import build_ensemble
+from orthovision.model.checkpoint import CARD_FILE, load_checkpoint, save_checkpoint
+from orthovision.model.probabilities import fused_probabilities
+from orthovision.safety.fitting import attach_safety
+from orthovision.training.augment import train_augmentation
+from orthovision.training.calibration import (
+    choose_operating_point,
+    fit_fusion_weights,
+    fit_temperature,
+    fused_log_probs,
+    weighted_nll,
 )
-from orthovision.evaluate import (
-    at_threshold,
-    compute_report,
-    fused_probabilities,
-    predict_logits,
-    selection_metrics,
-)
-from orthovision.fusion import fusion_weights_from_params
-from orthovision.models import Ensemble, build_ensemble
-from orthovision.ood_eval import attach_safety
+from orthovision.training.optim import WeightEMA, build_optimizer, clip_gradients, lr_factor
 
 log = logging.getLogger(__name__)
+
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "train_state.pt"
@@ -81,134 +79,12 @@ def _autocast(device: torch.device, enabled: bool):
     return nullcontext()
 
 
-def weighted_nll(log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None):
-    """Class-weighted NLL, normalised by the weights of the batch (as cross_entropy does)."""
-    return nn.functional.nll_loss(log_probs, target, weight=weight)
-
-
-def fused_log_probs(model: Ensemble, branch_logits: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log of the fused probabilities at temperature 1 (the ensemble's training loss input)."""
-    weights = fusion_weights_from_params(model.fusion_params)
-    stacked = torch.stack(
-        [torch.log_softmax(branch_logits[n].float(), -1) for n in model.branch_names]
-    )
-    # log sum_k w_k p_k, stable in log space.
-    return torch.logsumexp(stacked + torch.log(weights).view(-1, 1, 1), dim=0)
-
-
-def fit_fusion_weights(
-    model: Ensemble,
-    logits: dict[str, np.ndarray],
-    targets: np.ndarray,
-    weight: torch.Tensor | None,
-    steps: int,
-    lr: float,
-) -> list[float]:
-    """Fusion parameters only (branches frozen), full batch Adam on cached branch logits."""
-    params = model.fusion_params
-    opt = torch.optim.Adam([params], lr=lr)
-    lg = {n: torch.as_tensor(v, device=params.device) for n, v in logits.items()}
-    y = torch.as_tensor(targets, device=params.device)
-    w = None if weight is None else weight.to(params.device)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = weighted_nll(fused_log_probs(model, lg), y, w)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return losses
-
-
-def fit_temperature(
-    logits: dict[str, np.ndarray], fusion_weights: np.ndarray, targets: np.ndarray
-) -> tuple[float, float, float]:
-    """Temperature scaling (Guo et al. 2017): T minimising the NLL of the fused probabilities.
-
-    A 1-D problem: a log-spaced grid then a local refinement; returns (T, nll@1, nll@T).
-    """
-
-    def nll(t: float) -> float:
-        probs = fused_probabilities(logits, fusion_weights, t)
-        return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))))
-
-    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 121))
-    best = min(grid, key=nll)
-    fine = best * np.exp(np.linspace(-0.06, 0.06, 25))
-    best = float(min(fine, key=nll))
-    return best, nll(1.0), nll(best)
-
-
 def _save_resolved_config(cfg: OrthoVisionConfig, out_dir: Path) -> None:
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def _over_budget(started: float, budget_s: float | None) -> bool:
     return budget_s is not None and time.monotonic() - started > budget_s
-
-
-def _clip(params, max_norm: float | None) -> None:
-    if max_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def lr_factor(step: int, steps_per_epoch: int, tc) -> float:
-    """Multiplier of the base learning rate at a global optimizer step (warm-up, schedule)."""
-    warmup = tc.warmup_epochs * steps_per_epoch
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if tc.schedule == "constant":
-        return 1.0
-    total = max(tc.epochs * steps_per_epoch - warmup, 1)
-    progress = min((step - warmup) / total, 1.0)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: Ensemble, tc) -> torch.optim.Optimizer:
-    """One parameter group per branch (its own lr) plus the fusion weights."""
-    unknown = set(tc.branch_lr) - set(model.branch_names)
-    if unknown:
-        raise ValueError(f"branch_lr names unknown branches {sorted(unknown)}")
-    groups = []
-    for name in model.branch_names:
-        params = [p for p in model.branches[name].parameters() if p.requires_grad]
-        if params:
-            lr = tc.branch_lr.get(name, tc.lr)
-            groups.append({"params": params, "lr": lr, "base_lr": lr, "name": name})
-    if model.fusion_params.requires_grad:
-        groups.append(
-            {"params": [model.fusion_params], "lr": tc.lr, "base_lr": tc.lr, "name": "fusion"}
-        )
-    cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=tc.lr, weight_decay=tc.weight_decay)
-
-
-class WeightEMA:
-    """Exponential moving average of a model's parameters and buffers (Polyak averaging).
-
-    The decay warms up as (1 + n) / (10 + n), so the average is not dominated by the
-    random initialisation early on (timm's ModelEmaV3 does the same).
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
-        self.decay = decay
-        self.updates = 0
-        self.module = copy.deepcopy(model).eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ours = self.module.state_dict()
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                ours[k].lerp_(v.detach(), 1.0 - d)
-            else:
-                ours[k].copy_(v)
 
 
 def train(
@@ -348,9 +224,9 @@ def train(
             loss.backward()
             if branch_mode:  # apart: one clipping norm per branch
                 for n in branch_names:
-                    _clip(model.branches[n].parameters(), tc.grad_clip_norm)
+                    clip_gradients(model.branches[n].parameters(), tc.grad_clip_norm)
             else:
-                _clip(model.parameters(), tc.grad_clip_norm)
+                clip_gradients(model.parameters(), tc.grad_clip_norm)
             opt.step()
             if ema is not None:
                 ema.update(model)
@@ -604,40 +480,6 @@ def _plateaued(best: dict[str, dict], epoch: int, tc) -> bool:
     return epoch - max(b["epoch"] for b in best.values()) >= tc.patience
 
 
-def choose_operating_point(
-    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], target_sensitivity: float
-) -> dict | None:
-    """The fracture threshold with sensitivity >= target on these (validation) data.
-
-    The highest threshold that keeps the target: every higher one misses more fractures.
-    None when the class has no positive or no negative sample.
-    """
-    if "fracture" not in classes:
-        return None
-    k = list(classes).index("fracture")
-    pos = np.asarray(y_true) == k
-    if not pos.any() or pos.all():
-        return None
-    scores = probs[:, k]
-    # Candidate thresholds: each positive's score (sensitivity only drops past one).
-    candidates = np.sort(np.unique(scores[pos]))[::-1]
-    threshold = float(candidates[-1])
-    for t in candidates:
-        if np.mean(scores[pos] >= t) >= target_sensitivity:
-            threshold = float(t)
-            break
-    predicted = scores >= threshold
-    return {
-        "class": "fracture",
-        "threshold": threshold,
-        "target_sensitivity": target_sensitivity,
-        "chosen_on": "val",
-        "val_sensitivity": float(np.mean(predicted[pos])),
-        "val_specificity": float(np.mean(~predicted[~pos])),
-        "n_val": int(len(y_true)),
-    }
-
-
 def card_notes(cfg: OrthoVisionConfig, validated: list[str]) -> list[str]:
     notes = []
     unvalidated = [c for c in cfg.model.classes if c not in validated]
@@ -675,99 +517,3 @@ def copy_config(cfg: OrthoVisionConfig, **train_updates: object) -> OrthoVisionC
     """cfg with some `train` fields replaced (validated)."""
     train_cfg = type(cfg.train).model_validate({**cfg.train.model_dump(), **train_updates})
     return cfg.model_copy(update={"train": train_cfg})
-
-
-# ---------------------------------------------------------------------------------------
-# Backbone comparison (paper Table 04)
-
-# timm name and initial weights; only Lite0 has ImageNet weights offline, so the paper's
-# ImageNet-initialised backbones train from scratch here (stated in the table).
-PAPER_BACKBONES: tuple[str, ...] = (
-    "efficientnet_b0",
-    "efficientnetv2_rw_s",
-    "mobilenetv3_small_100",
-    "rexnet_100",
-    "convnextv2_femto",
-    "tf_efficientnet_lite0:lite0-package",
-)
-
-
-def compare_backbones(
-    cfg: OrthoVisionConfig,
-    backbones: Sequence[str],
-    out_dir: Path | str,
-    *,
-    progress: bool = False,
-    data: PreparedData | None = None,
-) -> list[dict]:
-    """Train each backbone alone under identical conditions (data, split, seed, budget).
-
-    `backbones`: "timm_name" or "timm_name:initial_weights". A backbone the config's model
-    already names keeps that branch's name, so the recipe's per-branch settings
-    (`frozen_prefixes`, `branch_lr`) apply to it as in the ensemble; every other backbone
-    gets the recipe's shared settings. Scored on the validation split (a model-selection
-    question; the test split stays untouched). Resumable: rows already in compare.json are
-    kept and an interrupted backbone continues from its last completed pass. Returns one
-    row per backbone and writes compare.json.
-    """
-    from orthovision.config import BackboneConfig
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / "compare.json"
-    done = {r.get("spec"): r for r in json.loads(table.read_text())} if table.is_file() else {}
-    if data is None:
-        data = prepare_data(cfg, progress=progress)
-    rows = []
-    for spec in backbones:
-        if spec in done:
-            rows.append(done[spec])
-            continue
-        timm_name, _, init = spec.partition(":")
-        init = init or "none"
-        known = {(b.timm_name, b.pretrained): b.name for b in cfg.model.backbones}
-        name = known.get((timm_name, init), timm_name)
-        backbone = BackboneConfig(name=name, timm_name=timm_name, pretrained=init)
-        model_cfg = cfg.model.model_copy(update={"backbones": (backbone,), "fusion_init": (1.0,)})
-        run_cfg = cfg.model_copy(update={"model": model_cfg})
-        prefix = f"branches.{name}."
-        run_cfg = copy_config(
-            run_cfg,
-            mode="branches-then-ensemble",
-            fusion_epochs=0,
-            frozen_prefixes=[p for p in cfg.train.frozen_prefixes if p.startswith(prefix)],
-            branch_lr={k: v for k, v in cfg.train.branch_lr.items() if k == name},
-        )
-        started = time.monotonic()
-        path = train(
-            run_cfg,
-            out_dir / timm_name.replace("/", "_"),
-            data=data,
-            progress=progress,
-            evaluate_test=False,
-            resume=True,
-        )
-        card = json.loads((path / CARD_FILE).read_text())
-        tr = card["training"]
-        val = tr["validation"][name]
-        n_params = sum(p.numel() for p in build_ensemble(model_cfg).parameters())
-        rows.append(
-            {
-                "spec": spec,
-                "backbone": timm_name,
-                "initial_weights": backbone.pretrained,
-                "params_m": round(n_params / 1e6, 2),
-                "lr": run_cfg.train.branch_lr.get(name, run_cfg.train.lr),
-                "frozen": list(run_cfg.train.frozen_prefixes),
-                "val_auc": val.get("auc"),
-                "val_macro_f1": val["macro_f1"],
-                "val_accuracy": val["accuracy"],
-                "best_epoch": tr["best_epochs"].get(name),
-                "epochs": tr["epochs_run"],
-                "train_img_per_s": tr["train_img_per_s"],
-                "wall_time_s": round(time.monotonic() - started, 1),
-            }
-        )
-        log.info("compare %s: %s", spec, rows[-1])
-        table.write_text(json.dumps(rows, indent=1) + "\n")
-    return rows

@@ -1,0 +1,1 @@
+"""The bulk HTTP client (`orthovision bulk`)."""

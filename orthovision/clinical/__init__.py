@@ -1,0 +1,1 @@
+"""Clinical outputs: DICOM SR and Secondary Capture, the PDF report, DICOMweb (STOW-RS)."""

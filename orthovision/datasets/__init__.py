@@ -1,0 +1,1 @@
+"""Datasets: source adapters, cleaning and the pixel cache, grouped splits, loaders."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, plots, markdown summaries and the evaluate-a-checkpoint run."""

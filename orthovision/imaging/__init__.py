@@ -1,0 +1,1 @@
+"""Imaging: decoding (PNG, JPEG, DICOM), input quality checks and model preprocessing."""

@@ -1,0 +1,1 @@
+"""The model: backbones, fusion, checkpoints, explanations, ONNX export, the inference pipeline."""

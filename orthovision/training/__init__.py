@@ -1,0 +1,1 @@
+"""Training: the loop, optimiser and schedule, calibration, augmentation, backbone comparison."""

@@ -1,0 +1,1 @@
+"""Deployment files: the Ray Serve config, presets, KubeRay manifests and monitoring."""
