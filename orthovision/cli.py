@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from orthovision.errors import InputError
-from orthovision.paths import default_checkpoint
+from orthovision.paths import checkpoint_dir
 
 log = logging.getLogger("orthovision")
 
@@ -246,7 +246,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 
     p = sub.add_parser("predict", help="classify radiographs (PNG, JPEG, DICOM)")
     p.add_argument("files", nargs="+", type=Path)
-    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    p.add_argument("--checkpoint", type=Path, default=checkpoint_dir())
     p.add_argument("--explain", type=Path, metavar="OUT_DIR", help="write GradCAM++ overlays here")
     p.add_argument("--json", action="store_true", help="one JSON result per line (v1 API schema)")
     p.set_defaults(func=cmd_predict)
@@ -275,7 +275,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.set_defaults(func=cmd_fit_ood)
 
     p = sub.add_parser("evaluate", help="metrics, plots and report of a checkpoint on a dataset")
-    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    p.add_argument("--checkpoint", type=Path, default=checkpoint_dir())
     p.add_argument("--data", type=Path, required=True, help="dataset folder (any layout)")
     p.add_argument("--out", type=Path, help="write metrics.json, PNG plots, report.md here")
     p.add_argument(
@@ -305,7 +305,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p = sub.add_parser("report", help="PDF second-opinion report of one image (offline)")
     p.add_argument("image", type=Path)
     p.add_argument("--out", type=Path, help="PDF path (default: IMAGE.report.pdf)")
-    p.add_argument("--checkpoint", type=Path, default=default_checkpoint())
+    p.add_argument("--checkpoint", type=Path, default=checkpoint_dir())
     p.add_argument("--no-explain", action="store_true", help="leave the heat map out")
     p.set_defaults(func=cmd_report)
 

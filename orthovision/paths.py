@@ -21,6 +21,6 @@ def project_path(path: str | Path) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def default_checkpoint() -> Path:
-    """$ORTHOVISION_CHECKPOINT, else the shipped checkpoint."""
-    return Path(os.environ.get("ORTHOVISION_CHECKPOINT", DEFAULT_CHECKPOINT))
+def checkpoint_dir(configured: str | Path = DEFAULT_CHECKPOINT) -> Path:
+    """$ORTHOVISION_CHECKPOINT, else `configured` (relative paths: the checkout's)."""
+    return project_path(os.environ.get("ORTHOVISION_CHECKPOINT", configured))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from orthovision.config import OrthoVisionConfig
-from orthovision.paths import project_path
+from orthovision.paths import checkpoint_dir
 
 
 def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
@@ -22,8 +22,7 @@ def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
 
 def checkpoint_path(cfg: OrthoVisionConfig) -> Path:
     """Relative checkpoint paths are relative to the project, wherever Ray starts a worker."""
-    path = Path(os.environ.get("ORTHOVISION_CHECKPOINT", cfg.serve.checkpoint))
-    return project_path(path)
+    return checkpoint_dir(cfg.serve.checkpoint)
 
 
 def pick_device(preference: str) -> torch.device:

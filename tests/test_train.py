@@ -146,13 +146,13 @@ def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
 
 def test_early_stopping_waits_for_min_epochs_then_patience():
     from orthovision.config import TrainConfig
-    from orthovision.training.loop import _plateaued
+    from orthovision.training.epochs import plateaued
 
     tc = TrainConfig(patience=2, min_epochs=4)
     best = {"a": {"epoch": 1}, "b": {"epoch": 2}}
-    assert not _plateaued(best, 3, tc)  # before min_epochs
-    assert _plateaued(best, 4, tc)  # 2 epochs since b improved
-    assert not _plateaued({"a": {"epoch": 3}}, 4, tc)
+    assert not plateaued(best, 3, tc)  # before min_epochs
+    assert plateaued(best, 4, tc)  # 2 epochs since b improved
+    assert not plateaued({"a": {"epoch": 3}}, 4, tc)
 
 
 def test_fracture_only_data_leaves_tumour_classes_unvalidated(tmp_path: Path):

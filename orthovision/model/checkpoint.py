@@ -6,6 +6,7 @@ used: a replica must refuse a checkpoint trained with different pixels.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -67,10 +68,12 @@ def save_checkpoint(
     trained: bool,
     data: dict | None = None,
     metrics: dict | None = None,
+    extra: dict | None = None,
     name: str = "orthovision",
     version: str = "0.1.0",
 ) -> Path:
-    """Write weights and card into `out_dir`; returns the folder."""
+    """Write weights and card into `out_dir`; returns the folder. `extra`: more card
+    sections (training record, operating point, safety), written with the rest at once."""
     arch = [(b.name, b.timm_name) for b in model.cfg.backbones]
     if arch != [(b.name, b.timm_name) for b in cfg.model.backbones] or (
         model.cfg.classes != cfg.model.classes
@@ -109,9 +112,19 @@ def save_checkpoint(
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": _sha256(weights_path.read_bytes()),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
     }
     (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     return out_dir
+
+
+def as_stored(model: Ensemble) -> Ensemble:
+    """A copy of `model` at the precision its checkpoint file keeps (float16 convs), i.e.
+    what `load_checkpoint` will return: metrics on it are the shipped model's."""
+    stored = copy.deepcopy(model).cpu()
+    state = {k: _storage_tensor(v) for k, v in stored.state_dict().items()}
+    stored.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return stored.eval()
 
 
 def branch_names(card: dict) -> list[str]:
