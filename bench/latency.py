@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from bench.loadgen import percentile
 from orthovision.paths import PROJECT_ROOT
 
 ROOT = PROJECT_ROOT
@@ -34,10 +35,6 @@ def sample_jpeg() -> tuple[bytes, str]:
     rng = np.random.default_rng(0)
     img = (60 + rng.normal(0, 20, (224, 224))).clip(0, 255).astype(np.uint8)
     return cv2.imencode(".jpg", img)[1].tobytes(), "synthetic 224x224 JPEG"
-
-
-def percentile(sorted_ms: list[float], q: float) -> float:
-    return sorted_ms[min(len(sorted_ms) - 1, int(round(q * (len(sorted_ms) - 1))))]
 
 
 def measure(url: str, data: bytes, concurrency: int, requests: int) -> dict:

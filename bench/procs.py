@@ -17,12 +17,11 @@ import os
 import signal
 import subprocess
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
+
+from orthovision.client.readiness import wait_http_ok
 
 
 def pss_mb(pid: int) -> float:
@@ -108,21 +107,6 @@ class MemorySampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def wait_http_ok(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    return False
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -6,14 +6,12 @@ import logging
 import signal
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import ray
 from ray import serve
 
+from orthovision.client.readiness import wait_http_ok
 from orthovision.model.checkpoint import read_card
 from serve.app import AppArgs, build_app
 from serve.manifests.serve_config import load_serve_file
@@ -23,16 +21,8 @@ log = logging.getLogger("orthovision.serve")
 
 
 def wait_ready(url: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    return False
+    """True once the service at base `url` reports ready (GET /readyz answers 200)."""
+    return wait_http_ok(url + "/readyz", timeout_s)
 
 
 def start(config_file: Path, num_cpus: int | None = None) -> str:

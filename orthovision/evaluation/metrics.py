@@ -11,12 +11,19 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
+from orthovision.model.probabilities import nll
+
 NO_SAMPLES = "no samples"
 ECE_BINS = 15
 REJECT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
 # Metrics
+
+
+def macro_f1(y_true: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> float:
+    """Macro F1 over `labels` (the classes present: absent ones would count as 0)."""
+    return float(f1_score(y_true, pred, labels=list(labels), average="macro", zero_division=0))
 
 
 def present_classes(y_true: np.ndarray, num_classes: int) -> list[int]:
@@ -35,7 +42,7 @@ def selection_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[s
         if len(labels) > 1
     }
     return {
-        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, pred, labels),
         "accuracy": float(np.mean(pred == y_true)),
         # Mean one-vs-rest ROC AUC over the classes present (threshold-free selection).
         "auc": float(np.mean(list(aucs.values()))) if aucs else 0.0,
@@ -154,8 +161,7 @@ def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> 
         table.append(
             {"lo": float(lo), "hi": float(hi), "n": n, "accuracy": acc, "confidence": mean_conf}
         )
-    nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, 1))))
-    return {"ece": float(ece), "nll": nll, "bins": table}
+    return {"ece": float(ece), "nll": nll(y_true, probs), "bins": table}
 
 
 def classification_block(
@@ -172,7 +178,7 @@ def classification_block(
     return {
         "n": int(len(y_true)),
         "accuracy": float(np.mean(pred == y_true)),
-        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": macro_f1(y_true, pred, labels),
         "per_class": rows,
         **averages(rows),
         "roc_auc": roc_auc_ovr(y_true, probs, classes, groups, n_bootstrap, seed),

@@ -8,13 +8,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from orthovision.evaluation.metrics import (
     REJECT_THRESHOLDS,
     calibration,
     classification_block,
     group_level,
+    macro_f1,
     present_classes,
     reject_rule,
     roc_auc_ovr,
@@ -130,9 +131,7 @@ def compute_report(
         row = {
             "variant": name,
             "accuracy": float(np.mean(pred == y_true)) if len(y_true) else None,
-            "macro_f1": float(
-                f1_score(y_true, pred, labels=present, average="macro", zero_division=0)
-            ),
+            "macro_f1": macro_f1(y_true, pred, present),
             "roc_auc": {
                 k: v.get("auc") if isinstance(v, dict) else None
                 for k, v in roc_auc_ovr(y_true, p, classes, n_bootstrap=0).items()
@@ -151,14 +150,8 @@ def compute_report(
             "accuracy": float((probs.argmax(1)[keep] == y_true[keep]).mean())
             if keep.any()
             else None,
-            "macro_f1": float(
-                f1_score(
-                    y_true[keep],
-                    probs.argmax(1)[keep],
-                    labels=present_classes(y_true[keep], len(classes)),
-                    average="macro",
-                    zero_division=0,
-                )
+            "macro_f1": macro_f1(
+                y_true[keep], probs.argmax(1)[keep], present_classes(y_true[keep], len(classes))
             )
             if keep.any()
             else None,

@@ -14,17 +14,14 @@ import numpy as np
 import torch
 
 from orthovision.config import PreprocessConfig
+from orthovision.imaging.pixels import rescale_to_uint8
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Linearly rescale any numeric greyscale array to uint8 over its own [min, max]."""
     if image.dtype == np.uint8:
         return image
-    lo, hi = float(image.min()), float(image.max())
-    if hi <= lo:
-        return np.zeros(image.shape, np.uint8)
-    scaled = (image.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    return rescale_to_uint8(image, float(image.min()), float(image.max()))
 
 
 def fit_within(image: np.ndarray, size: int) -> np.ndarray:

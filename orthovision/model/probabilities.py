@@ -24,3 +24,9 @@ def fused_probabilities(
     weights = weights / weights.sum()
     probs = [softmax(lg, temperature) for lg in logits.values()]
     return sum(w * p for w, p in zip(weights, probs, strict=True))
+
+
+def nll(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (probabilities clipped at 1e-12)."""
+    picked = probs[np.arange(len(targets)), targets]
+    return float(-np.mean(np.log(np.clip(picked, 1e-12, 1))))

@@ -13,7 +13,7 @@ from torch import nn
 
 from orthovision.model.backbones import Ensemble
 from orthovision.model.fusion import fusion_weights_from_params
-from orthovision.model.probabilities import fused_probabilities
+from orthovision.model.probabilities import fused_probabilities, nll
 
 
 def weighted_nll(log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None):
@@ -63,15 +63,14 @@ def fit_temperature(
     A 1-D problem: a log-spaced grid then a local refinement; returns (T, nll@1, nll@T).
     """
 
-    def nll(t: float) -> float:
-        probs = fused_probabilities(logits, fusion_weights, t)
-        return float(-np.mean(np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))))
+    def loss(t: float) -> float:
+        return nll(targets, fused_probabilities(logits, fusion_weights, t))
 
     grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 121))
-    best = min(grid, key=nll)
+    best = min(grid, key=loss)
     fine = best * np.exp(np.linspace(-0.06, 0.06, 25))
-    best = float(min(fine, key=nll))
-    return best, nll(1.0), nll(best)
+    best = float(min(fine, key=loss))
+    return best, loss(1.0), loss(best)
 
 
 def choose_operating_point(
