@@ -21,10 +21,6 @@ class InputError(Exception):
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
-    def to_result(self) -> dict:
-        """The item result a batch carries in place of a prediction."""
-        return {"error": self.to_dict(), "status": self.http_status}
-
 
 class EmptyInput(InputError):
     http_status = 400

@@ -1,12 +1,14 @@
 """Helpers of the clinician and integration routes (viewer, PDF report, DICOM SR/SC, STOW-RS).
 
 Kept out of serve/ingress.py so the ingress stays the routing table, and light to import:
-the Explainer imports `layers_key` from here, and reportlab/highdicom load on first use.
+the Fusion imports `encode_model_input` from here, and reportlab/highdicom load on first use.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import time
 from pathlib import Path
 
 import cv2
@@ -20,18 +22,6 @@ VIEWER_ASSETS = {
     "viewer.js": "text/javascript; charset=utf-8",
     "viewer.css": "text/css; charset=utf-8",
 }
-LAYER_KINDS = ("image", "heatmap")
-
-
-def layers_key(explanation_id: str) -> str:
-    """Store key of an explanation's separate layers (model input, transparent heat map)."""
-    return f"{explanation_id}:layers"
-
-
-def layer_png(layers: dict | None, kind: str) -> bytes | None:
-    if not layers or f"{kind}_png" not in layers:
-        return None
-    return base64.b64decode(layers[f"{kind}_png"])
 
 
 def public(record: dict) -> dict:
@@ -41,6 +31,46 @@ def public(record: dict) -> dict:
 
 def private(record: dict) -> dict:
     return record.get(PRIVATE_KEY) or {}
+
+
+def stored_record(result: dict, private_part: dict) -> dict:
+    """A prediction as stored: its public result, plus the part only DICOM outputs read."""
+    return {**result, PRIVATE_KEY: private_part}
+
+
+def dicom_source(record: dict) -> dict | None:
+    """The DICOM input's UIDs and patient/study attributes (None: the input was not DICOM)."""
+    return private(record).get("dicom_source")
+
+
+def created_at(record: dict) -> float:
+    return private(record).get("created_at", time.time())
+
+
+def pdf_report(record: dict, overlay: bytes | None, note: str) -> bytes:
+    """The PDF report of a stored prediction: no patient identifiers, only the source's
+    SOPInstanceUID to find the image by."""
+    from orthovision.clinical.pdf import build_pdf_report
+
+    created = dt.datetime.fromtimestamp(created_at(record), dt.timezone.utc)
+    source = dicom_source(record) or {}
+    sop = {"SOPInstanceUID": source["SOPInstanceUID"]} if source.get("SOPInstanceUID") else None
+    return build_pdf_report(public(record), overlay, note, created, sop)
+
+
+def sr_bytes(record: dict, source: dict) -> bytes:
+    """The DICOM Comprehensive SR of a stored DICOM input's prediction (Part 10 bytes)."""
+    from orthovision.clinical.dicom_objects import structured_report, to_bytes
+
+    return to_bytes(structured_report(public(record), source, created_at(record)))
+
+
+def sc_bytes(record: dict, source: dict, overlay: bytes) -> bytes:
+    """The DICOM Secondary Capture of its heat-map overlay PNG (Part 10 bytes)."""
+    from orthovision.clinical.dicom_objects import secondary_capture, to_bytes
+
+    rgb = png_to_rgb(overlay)
+    return to_bytes(secondary_capture(rgb, public(record), source, created_at(record)))
 
 
 def encode_model_input(pixels: np.ndarray) -> str:

@@ -6,7 +6,6 @@ pytorch-grad-cam hooks the shared model, so max_ongoing_requests is 1 (one expla
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 
 import torch
@@ -15,7 +14,6 @@ from ray import serve
 from orthovision.model.checkpoint import load_checkpoint
 from orthovision.model.explain import explain, grey_png, heatmap_rgba_png, overlay_png
 from orthovision.model.pipeline import Prepared, PreparedBatch
-from serve.clinical import layers_key
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -24,7 +22,7 @@ from serve.runtime import (
     limit_cpu_threads,
     pick_device,
 )
-from serve.store import open_store
+from serve.store import LayerKind, open_store
 
 
 class Explainer:
@@ -46,17 +44,15 @@ class Explainer:
 
     def _explain(
         self, prepared: Prepared, target_class: int | None
-    ) -> tuple[dict, bytes, dict[str, str]]:
+    ) -> tuple[dict, bytes, dict[LayerKind, bytes]]:
         with torch.enable_grad():
             result = explain(self.model, prepared.pixels, target_class=target_class)
         png = overlay_png(prepared.pixels[0], result.heatmap, self.cfg.explain.overlay_alpha)
         grey = prepared.pixels[0]
         # The two layers of the overlay, for a viewer's opacity slider.
-        layers = {
-            "image_png": base64.b64encode(grey_png(grey)).decode(),
-            "heatmap_png": base64.b64encode(
-                heatmap_rgba_png(result.heatmap, (grey.shape[1], grey.shape[0]))
-            ).decode(),
+        layers: dict[LayerKind, bytes] = {
+            "image": grey_png(grey),
+            "heatmap": heatmap_rgba_png(result.heatmap, (grey.shape[1], grey.shape[0])),
         }
         summary = {
             "method": self.cfg.explain.method,
@@ -81,11 +77,8 @@ class Explainer:
         summary, png, layers = await loop.run_in_executor(
             self.work, self._explain, prepared, target_class
         )
-        # Layers first: once the state reads "done", everything it serves exists.
-        await self.store.put_record(
-            layers_key(explanation_id), layers, ttl_s=self.cfg.serve.record_ttl_s
-        )
-        await self.store.complete_explanation(explanation_id, summary, png)
+        # Overlay and layers with the "done" state, in one step: they expire together.
+        await self.store.complete_explanation(explanation_id, summary, png, layers)
         metrics().explanation_latency.observe(time.perf_counter() - started)
         metrics().explanations.inc(tags={"outcome": "done"})
         return "done"

@@ -9,8 +9,13 @@ from ray import serve
 
 from orthovision.config import FusionConfig
 from orthovision.model.checkpoint import load_fusion_head
-from orthovision.model.pipeline import Prepared, PreparedBatch, assemble_prediction
-from orthovision.schema import PRIVATE_KEY
+from orthovision.model.pipeline import (
+    Classified,
+    ItemOutcome,
+    Prepared,
+    PreparedBatch,
+    assemble_prediction,
+)
 from serve.clinical import encode_model_input
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from
@@ -33,18 +38,21 @@ class Fusion:
 
     async def __call__(
         self, request_ids: list[str], prepared: PreparedBatch, *branch_logits: np.ndarray
-    ) -> list[dict]:
-        """One result per item, in order: the v1 prediction, or the item's input error."""
-        results, row = [], 0
+    ) -> list[ItemOutcome]:
+        """One outcome per item, in order: its Classified answer, or its input error."""
+        results: list[ItemOutcome] = []
+        row = 0
         for rid, item in zip(request_ids, prepared.items, strict=True):
             if isinstance(item, Prepared):
-                results.append(self._result(rid, item, [lg[row] for lg in branch_logits]))
+                results.append(self._classified(rid, item, [lg[row] for lg in branch_logits]))
                 row += 1
             else:
-                results.append(item.to_result())
+                results.append(item)
         return results
 
-    def _result(self, request_id: str, prepared: Prepared, rows: list[np.ndarray]) -> dict:
+    def _classified(
+        self, request_id: str, prepared: Prepared, rows: list[np.ndarray]
+    ) -> Classified:
         # Each backbone row: C logits, then its branch's OOD score (NaN: none).
         logits = [row[:-1] for row in rows]
         ood = float(sum(row[-1] for row in rows))
@@ -59,15 +67,14 @@ class Fusion:
             ood_score=ood if np.isfinite(ood) else None,
         )
         metrics().predictions.inc(tags={"label": prediction.label or "abstained"})
-        result = prediction.model_dump(mode="json")
-        # The ingress stores this part with the record and strips it from every response.
-        private = {"created_at": time.time(), "dicom_source": prepared.dicom_source}
-        if prepared.dicom_source:
-            # A PACS may ask for the heat-map Secondary Capture later: keep the model input
-            # (a 224x224 grey PNG, ~30 KB) so the explanation can be made on request.
-            private["model_input_png"] = encode_model_input(prepared.pixels)
-        result[PRIVATE_KEY] = private
-        return result
+        return Classified(
+            prediction.model_dump(mode="json"),
+            created_at=time.time(),
+            dicom_source=prepared.dicom_source,
+            model_input_png=(
+                encode_model_input(prepared.pixels) if prepared.dicom_source else None
+            ),
+        )
 
     async def model_card(self) -> dict:
         return self.card

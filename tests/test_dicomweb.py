@@ -13,14 +13,19 @@ from conftest import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, make_dicom
 from orthovision.clinical.dicom_objects import derived_uid, structured_report, to_bytes
 from orthovision.clinical.dicomweb import (
     FailedInstance,
+    Part,
     StoredInstance,
+    dataset_only,
+    instance_indices,
+    not_an_instance,
     related_boundary,
     sop_reference,
     split_related,
+    stow_answer,
     stow_response,
     stow_status,
 )
-from orthovision.errors import InputError, InputTooLarge, UnsupportedFormat
+from orthovision.errors import InputError, InputTooLarge, QualityRejected, UnsupportedFormat
 from orthovision.imaging.decode import decode_radiograph
 
 
@@ -76,6 +81,36 @@ def test_stow_response_json_and_status():
     assert ds.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.3.4"
     assert ds.FailedSOPSequence[0].FailureReason == 0xC000
     assert [stow_status(2, 0), stow_status(1, 1), stow_status(0, 2)] == [200, 202, 409]
+
+
+def test_stow_answer_links_stored_and_lists_failed_in_order():
+    dicom = make_dicom()
+    parts = [
+        Part("application/dicom", dicom),
+        Part("image/jpeg", dicom),
+        Part("application/dicom", b"x"),
+    ]
+    assert instance_indices(parts) == [0]
+    outcomes = [{"request_id": "r0", "label": None}, not_an_instance(), QualityRejected("dark")]
+    refs = [("1.2.3", "1.2.3.4"), ("1.2.3", "1.2.3.5"), ("", "")]
+    answer = stow_answer(refs, ["r0", "r1", "r2"], outcomes, "/p/{request_id}/sr")
+    assert answer.status == 202
+    assert answer.results[0] == {
+        "index": 0,
+        "request_id": "r0",
+        "sop_instance_uid": "1.2.3.4",
+        "label": None,
+        "sr_url": "/p/r0/sr",
+    }
+    assert [r["error"]["code"] for r in answer.results[1:]] == [
+        "unsupported_format",
+        "quality_rejected",
+    ]
+    ds = pydicom.Dataset.from_json(answer.response)
+    assert [f.FailureReason for f in ds.FailedSOPSequence] == [0xC000, 0xC000]
+    assert dataset_only("application/dicom+json") and not dataset_only(
+        "application/dicom+json, application/json"
+    )
 
 
 def test_decoded_dicom_source_is_private_and_feeds_the_sr():

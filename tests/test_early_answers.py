@@ -1,5 +1,5 @@
 """A bad input is answered when its own preprocessing fails, not after its batch's forward
-passes (the early answer of serve/ingress.py)."""
+passes (the early answer of serve/classify.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Result store: both backends, same behaviour (serve/store.py).
+"""Result store: both backends, same behaviour (serve/store/).
 
 The Redis cases run against a real ``redis-server`` started here on a free port; without the
 binary they are skipped.
@@ -191,7 +191,6 @@ def test_ttl_expiry(make_store: Factory) -> None:
         assert await store.get_record("short") is None
         assert await store.get_record("forever") == {"b": 2}
         assert await store.get_explanation("e-short") is None
-        assert await store.stale_pending(0) == []
         with pytest.raises(KeyError):
             await store.complete_explanation("e-short", {}, PNG)
         await store.put_record("short", {"a": 3}, ttl_s=60)  # id reusable after expiry
@@ -238,7 +237,6 @@ def test_explanation_pending_to_failed(make_store: Factory) -> None:
         assert e is not None
         assert (e.state, e.error, e.result) == ("failed", "explainer crashed 3 times", None)
         assert await store.get_explanation_png("e1") is None
-        assert await store.stale_pending(0) == []
 
     run(make_store, scenario)
 
@@ -276,20 +274,35 @@ def test_attempts_counting(make_store: Factory) -> None:
     run(make_store, scenario)
 
 
-def test_stale_pending(make_store: Factory) -> None:
-    async def scenario(store: ResultStore) -> None:
-        for eid in ("old-a", "old-done", "old-failed", "old-retried"):
-            await store.create_explanation(eid, "r")
-        await store.complete_explanation("old-done", {"ok": 1}, PNG)
-        await store.fail_explanation("old-failed", "boom")
-        await asyncio.sleep(0.3)
-        await store.mark_attempt("old-retried")  # a retry refreshes updated_at
-        await store.create_explanation("fresh", "r")
-        assert await store.stale_pending(0.2) == ["old-a"]
-        assert sorted(await store.stale_pending(0)) == ["fresh", "old-a", "old-retried"]
-        assert await store.stale_pending(3600) == []
+def test_explanation_layers_live_with_it(make_store: Factory) -> None:
+    """Overlay and layers: written with "done", served by kind, replaced and expired as one."""
+    heat, grey = PNG[::-1], PNG + b"grey"
 
-    run(make_store, scenario)
+    async def scenario(store: ResultStore) -> None:
+        await store.create_explanation("e1", "r1")
+        assert await store.get_explanation_png("e1", "heatmap") is None  # pending: nothing
+        await store.complete_explanation("e1", {"ok": 1}, PNG, {"heatmap": heat, "image": grey})
+        assert await store.get_explanation_png("e1") == PNG
+        assert await store.get_explanation_png("e1", "overlay") == PNG
+        assert await store.get_explanation_png("e1", "heatmap") == heat
+        assert await store.get_explanation_png("e1", "image") == grey
+        await store.complete_explanation("e1", {"ok": 2}, PNG, {"image": heat})  # a rerun
+        assert await store.get_explanation_png("e1", "heatmap") is None
+        assert await store.get_explanation_png("e1", "image") == heat
+
+        await store.create_explanation("e2", "r2")
+        await store.complete_explanation("e2", {"ok": 1}, PNG)  # no layers
+        assert await store.get_explanation_png("e2", "image") is None
+        await store.create_explanation("e3", "r3")
+        await store.complete_explanation("e3", {}, PNG, {"heatmap": heat})
+        await asyncio.sleep(1.15)
+        for kind in ("overlay", "heatmap"):
+            assert await store.get_explanation_png("e3", kind) is None  # type: ignore[arg-type]
+        await store.create_explanation("e3", "r3")  # the id is reusable: no stale layer
+        await store.complete_explanation("e3", {}, PNG)
+        assert await store.get_explanation_png("e3", "heatmap") is None
+
+    run(make_store, scenario, explanation_ttl_s=1)
 
 
 def test_concurrent_tasks(make_store: Factory) -> None:
@@ -378,7 +391,8 @@ def test_sqlite_concurrent_threads(tmp_path: Path) -> None:
         e = await shared.get_explanation("counter")
         assert e is not None and e.attempts == 6 * per_thread
         assert await shared.get_record("t5-24") == {"t": 5, "i": 24}
-        assert len(await shared.stale_pending(0)) == 6 * per_thread + 1
+        e24 = await shared.get_explanation("t5-e24")
+        assert e24 is not None and e24.state == "pending"
         await shared.close()
 
     asyncio.run(check())
@@ -440,7 +454,8 @@ def test_redis_down_raises_store_unavailable_quickly(tmp_path: Path) -> None:
                 lambda: store.get_record("r"),
                 lambda: store.put_record("r", {"a": 1}),
                 lambda: store.create_explanation("e", "r"),
-                lambda: store.stale_pending(0),
+                lambda: store.get_explanation("e"),
+                lambda: store.get_explanation_png("e", "heatmap"),
             ]
             for call in calls:
                 t0 = time.monotonic()

@@ -1,12 +1,13 @@
 """DICOMweb STOW-RS pieces (PS3.18 10.5): the multipart/related body and the response.
 
 Pure functions, no Ray: the ingress reads the (bounded) body, splits it here, classifies
-each instance and answers with `stow_response`.
+each instance and answers with `stow_answer`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orthovision.errors import InputError, InputTooLarge, UnsupportedFormat
@@ -74,6 +75,21 @@ def split_related(body: bytes, boundary: str, max_parts: int) -> list[Part]:
     if not closed:
         raise InputError("malformed multipart body: no closing delimiter")
     return parts
+
+
+def instance_indices(parts: Sequence[Part]) -> list[int]:
+    """The parts to classify: typed application/dicom *and* signed DICOM Part 10, so a JPEG
+    sent under the DICOM type is refused, not classified as an instance it is not."""
+    return [
+        i
+        for i, p in enumerate(parts)
+        if p.content_type == "application/dicom" and is_part10(p.data)
+    ]
+
+
+def not_an_instance() -> UnsupportedFormat:
+    """The outcome of a part that `instance_indices` leaves out."""
+    return UnsupportedFormat("STOW-RS parts must be application/dicom DICOM Part 10 instances")
 
 
 def is_part10(data: bytes) -> bool:
@@ -156,3 +172,44 @@ def stow_status(n_stored: int, n_failed: int) -> int:
     if n_failed == 0:
         return 200
     return 202 if n_stored else 409
+
+
+@dataclass(frozen=True)
+class StowAnswer:
+    status: int  # stow_status
+    response: dict  # the PS3.18 JSON response data set (stow_response)
+    results: list[dict]  # one v1 result or error per instance, in order
+
+
+def stow_answer(
+    refs: Sequence[tuple[str, str]],
+    request_ids: Sequence[str],
+    outcomes: Sequence[dict | InputError],
+    sr_route: str,
+) -> StowAnswer:
+    """Assemble the answer from each instance's (SOPClassUID, SOPInstanceUID), request id
+    and outcome (its v1 result, or the InputError that refused it). `sr_route` is the SR's
+    route template (`{request_id}` in it), linked from each stored instance's result."""
+    stored: list[StoredInstance] = []
+    failed: list[FailedInstance] = []
+    results = []
+    for index, (rid, out, (sop_class, sop_uid)) in enumerate(
+        zip(request_ids, outcomes, refs, strict=True)
+    ):
+        entry = {"index": index, "request_id": rid, "sop_instance_uid": sop_uid}
+        if isinstance(out, InputError):
+            reason = OUT_OF_RESOURCES if out.http_status >= 500 else CANNOT_UNDERSTAND
+            failed.append(FailedInstance(sop_class, sop_uid, reason))
+            entry["error"] = out.to_dict()
+        else:
+            stored.append(StoredInstance(sop_class, sop_uid))
+            entry.update(out)
+            entry["sr_url"] = sr_route.format(request_id=rid)
+        results.append(entry)
+    return StowAnswer(stow_status(len(stored), len(failed)), stow_response(stored, failed), results)
+
+
+def dataset_only(accept: str) -> bool:
+    """Whether the client accepts the bare response data set only (application/dicom+json
+    without application/json), rather than `{"stow": ..., "results": [...]}`."""
+    return DICOM_JSON in accept and "application/json" not in accept

@@ -77,6 +77,34 @@ def _link(items: Sequence[Prepared | InputError], pixels: np.ndarray) -> tuple:
     return tuple(replace(i, pixels=next(rows)) if isinstance(i, Prepared) else i for i in items)
 
 
+@dataclass(frozen=True)
+class Classified:
+    """The fusion stage's answer for one valid image, as it travels back to the ingress.
+
+    `result` is the v1 Prediction already dumped to JSON (where it is made, off the ingress's
+    CPU); the other fields are stored with the record but never answered (docs/DESIGN.md: no
+    patient data outside the objects that need it).
+    """
+
+    result: dict
+    created_at: float
+    dicom_source: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    # The 224x224 grey model input as base64 PNG, kept for DICOM inputs only: a PACS may ask
+    # for the heat-map Secondary Capture later, and the explanation is made from it.
+    model_input_png: str | None = field(default=None, repr=False, compare=False)
+
+    def private(self, tenant: str) -> dict:
+        """The record's private part (schema.PRIVATE_KEY), owned by `tenant`."""
+        part: dict = {"created_at": self.created_at, "dicom_source": self.dicom_source}
+        if self.model_input_png is not None:
+            part["model_input_png"] = self.model_input_png
+        return {**part, "tenant": tenant}
+
+
+# One item's outcome of a batch, in order: its answer, or the InputError that rejected it.
+ItemOutcome = Classified | InputError
+
+
 def decode_for_model(data: bytes, cfg: OrthoVisionConfig) -> DecodedImage:
     """Reduced-size decode to the smallest image that still covers the model input."""
     return decode_radiograph(data, cfg.decode, target_side=cfg.preprocess.image_size)

@@ -20,7 +20,7 @@ APP_LABEL = "app.kubernetes.io/name"
 # limits, the marker only says which pool a replica belongs to.
 POOL_MARKER_CAPACITY = 1000
 API_KEYS_ENV = "ORTHOVISION_API_KEYS"  # read by serve/auth.py (security.api_keys_env)
-REDIS_PASSWORD_ENV = "ORTHOVISION_REDIS_PASSWORD"  # serve/store.py REDIS_PASSWORD_ENV
+REDIS_PASSWORD_ENV = "ORTHOVISION_REDIS_PASSWORD"  # serve/store/redis.py REDIS_PASSWORD_ENV
 RAY_UID = 1000  # the rayproject images' `ray` user
 
 
