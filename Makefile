@@ -63,7 +63,7 @@ clean:
 # (checked by the harness itself on its own peak RSS; libFuzzer's -rss_limit_mb reads the parent's).
 FUZZ_RUNS ?= 100000
 fuzz: venv
-	rm -rf .fuzz-corpus && $(BIN)/python tests/fuzz/seeds.py .fuzz-corpus
-	OPENBLAS_NUM_THREADS=1 $(BIN)/python tests/fuzz/fuzz_decoder.py -runs=$(FUZZ_RUNS) \
+	rm -rf .fuzz-corpus && $(BIN)/python tests/orthovision/imaging/fuzz/seeds.py .fuzz-corpus
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python tests/orthovision/imaging/fuzz/fuzz_decoder.py -runs=$(FUZZ_RUNS) \
 		-timeout=2 -rss_limit_mb=0 -max_len=262144 -print_final_stats=1 .fuzz-corpus
 

@@ -1,4 +1,5 @@
 """The side-by-side performance harness: `python -m bench [--quick] [--gpu] [--json FILE]`.
+(Over 400 lines: the run order below is the report's order, kept in one place.)
 
 In one run, on the same images and the same machine:
 1. compute limit: both backbones, model only, best layout and batch size, no I/O;

@@ -1,0 +1,71 @@
+"""`orthovision serve` as an operator runs it, with API keys on: it must start, answer
+with a key, refuse without one, and stop cleanly on SIGINT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+from support.checkpoints import TINY_BACKBONES, save_tiny_checkpoint
+from support.liveapp import free_port
+
+from orthovision.paths import PROJECT_ROOT
+
+pytestmark = pytest.mark.serve
+ROOT = PROJECT_ROOT
+
+
+def test_serve_command_starts_with_auth_on(tmp_path):
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
+    doc = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
+    config = doc["applications"][0]["args"]["config"]
+    port, metrics_port = free_port(), free_port()
+    config["model"]["backbones"] = [dict(b) for b in TINY_BACKBONES]
+    config["serve"].update(
+        port=port,
+        metrics_export_port=metrics_port,
+        checkpoint=str(ckpt),
+        store_url=f"sqlite:///{tmp_path / 'store' / 'db'}",
+    )
+    config["serve"].setdefault("security", {})["auth"] = "api-key"
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "ORTHOVISION_API_KEYS": "clinic=serve-test-key"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve.commands", "serve", "--config", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "is ready at" in line:
+                break
+        assert any("is ready at" in line for line in lines), "".join(lines)[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/v1/model", timeout=10).status_code == 401
+        r = httpx.get(f"{url}/v1/model", headers={"X-API-Key": "serve-test-key"}, timeout=10)
+        assert r.status_code == 200 and r.json()["classes"]
+        # The configured metrics port answers (README: curl 127.0.0.1:8080/metrics).
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert metrics.status_code == 200 and "ray_" in metrics.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, (out or "")[-3000:]

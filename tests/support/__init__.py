@@ -1,0 +1,1 @@
+"""Shared test builders: synthetic inputs, tiny checkpoints, the hostile corpus, the live app."""
