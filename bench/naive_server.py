@@ -26,11 +26,12 @@ from orthovision.config import OrthoVisionConfig
 from orthovision.imaging.decode import decode_radiograph, sniff_format
 from orthovision.imaging.preprocess import fit_within, pad_center
 from orthovision.model.checkpoint import load_checkpoint
-from serve.runtime import checkpoint_path, pick_device
+from orthovision.model.device import resolve_device
+from serve.runtime import checkpoint_path
 
 cfg = OrthoVisionConfig()
 ckpt = load_checkpoint(checkpoint_path(cfg))
-device = pick_device("auto")
+device = resolve_device("auto")
 model = ckpt.model.to(device).eval()
 classes = list(ckpt.card["classes"])
 clahe = cv2.createCLAHE(

@@ -12,6 +12,7 @@ from ray import serve
 
 from orthovision.imaging.preprocess import to_model_input
 from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.device import resolve_device
 from orthovision.model.pipeline import PreparedBatch
 from orthovision.safety.ood import branch_features, load_for_checkpoint
 from serve.metrics import metrics
@@ -21,7 +22,6 @@ from serve.runtime import (
     enable_cudnn_autotune,
     forward_thread,
     limit_cpu_threads,
-    pick_device,
 )
 
 log = logging.getLogger("ray.serve")
@@ -31,7 +31,7 @@ class Backbone:
     def __init__(self, branch: str, config: dict) -> None:
         cfg = config_from(config)
         self.branch = branch
-        self.device = pick_device(cfg.serve.device)
+        self.device = resolve_device(cfg.serve.device)
         threads = 1
         niceness = 0
         if self.device.type == "cpu":

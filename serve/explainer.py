@@ -12,6 +12,7 @@ import torch
 from ray import serve
 
 from orthovision.model.checkpoint import load_checkpoint
+from orthovision.model.device import resolve_device
 from orthovision.model.explain import explain, grey_png, heatmap_rgba_png, overlay_png
 from orthovision.model.pipeline import Prepared, PreparedBatch
 from serve.metrics import metrics
@@ -20,7 +21,6 @@ from serve.runtime import (
     config_from,
     forward_thread,
     limit_cpu_threads,
-    pick_device,
 )
 from serve.store import LayerKind, open_store
 
@@ -28,7 +28,7 @@ from serve.store import LayerKind, open_store
 class Explainer:
     def __init__(self, config: dict) -> None:
         self.cfg = config_from(config)
-        self.device = pick_device(self.cfg.serve.device)
+        self.device = resolve_device(self.cfg.serve.device)
         niceness = 0
         if self.device.type == "cpu":
             limit_cpu_threads(self.cfg.serve.explainer.num_cpus)

@@ -1,4 +1,4 @@
-"""Small helpers every deployment shares: config from args, device choice, checkpoint path."""
+"""Small helpers every deployment shares: config from args, checkpoint path, thread pools."""
 
 from __future__ import annotations
 
@@ -23,12 +23,6 @@ def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:
 def checkpoint_path(cfg: OrthoVisionConfig) -> Path:
     """Relative checkpoint paths are relative to the project, wherever Ray starts a worker."""
     return checkpoint_dir(cfg.serve.checkpoint)
-
-
-def pick_device(preference: str) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def cpu_threads(num_cpus: float) -> int:
