@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path
 
 log = logging.getLogger("orthovision.serve")
+READY_TIMEOUT_S = 120.0
 
 
 def wait_ready(url: str, timeout_s: float) -> bool:
@@ -28,6 +30,10 @@ def wait_ready(url: str, timeout_s: float) -> bool:
 def start(config_file: Path, num_cpus: int | None = None) -> str:
     """Start Ray and the application; return the base URL."""
     cfg = load_serve_file(config_file)
+    # Replicas on a small box take longer than Serve's 30 s to import torch and load their
+    # model; below the ready timeout that is a normal start, not a warning. (Read by the
+    # Serve controller, which inherits this environment in local mode.)
+    os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", str(int(READY_TIMEOUT_S)))
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -42,7 +48,7 @@ def start(config_file: Path, num_cpus: int | None = None) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
-def run(config_file: Path, ready_timeout_s: float = 120.0) -> int:
+def run(config_file: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> int:
     url = start(config_file)
     out = sys.stdout
     if not wait_ready(url, ready_timeout_s):
