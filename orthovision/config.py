@@ -172,6 +172,30 @@ class SecurityConfig(_Strict):
     api_keys_env: str = "ORTHOVISION_API_KEYS"
     # Scopes and limits given to tenants that come from the environment.
     default_tenant: TenantConfig = TenantConfig(id="default", key_sha256="0" * 64)
+    # JSON {tenant: secret} (a Kubernetes Secret): each tenant's key for patient references
+    # and for sealing DICOM patient attributes at rest (serve/patients.py).
+    patient_keys_env: str = "ORTHOVISION_PATIENT_KEYS"
+
+
+DAY_S = 24 * 3600
+
+
+class RetentionConfig(_Strict):
+    """How long the result store keeps each kind of data, in days: past it the SQLite
+    sweeper deletes it and Redis expires it (docs/STUDIES.md: retention)."""
+
+    # None: serve.record_ttl_s (the older knob, kept so existing configs load).
+    records_days: float | None = Field(None, gt=0)
+    explanations_days: float = Field(1.0, gt=0)
+    # Study and patient-timeline entries (ids, dates, the prediction's summary): longer than
+    # records, so a follow-up weeks later still finds its prior study.
+    studies_days: float = Field(90.0, gt=0)
+    # How often each ingress replica sweeps expired rows out of SQLite (Redis needs none).
+    sweep_interval_s: float = Field(300.0, gt=0)
+
+    @staticmethod
+    def seconds(days: float) -> int:
+        return max(1, round(days * DAY_S))
 
 
 class ServeConfig(_Strict):
@@ -192,6 +216,7 @@ class ServeConfig(_Strict):
     # Runtime (exported from the checkpoint; agreement with fp32 in docs/PERFORMANCE.md).
     cpu_backend: Literal["torch", "onnx"] = "torch"
     security: SecurityConfig = SecurityConfig()
+    retention: RetentionConfig = RetentionConfig()
     batch: BatchConfig = BatchConfig()
     # How much lower the forward thread of a CPU model replica runs (nice +N; the explainer
     # +2N; 19 is the floor): the request path preempts long forwards. 0 = no change.
@@ -221,6 +246,19 @@ class ServeConfig(_Strict):
     explainer: DeploymentConfig = DeploymentConfig(
         num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=64
     )
+
+    @property
+    def record_retention_s(self) -> int:
+        days = self.retention.records_days
+        return self.record_ttl_s if days is None else RetentionConfig.seconds(days)
+
+    @property
+    def explanation_retention_s(self) -> int:
+        return RetentionConfig.seconds(self.retention.explanations_days)
+
+    @property
+    def study_retention_s(self) -> int:
+        return RetentionConfig.seconds(self.retention.studies_days)
 
     def model_post_init(self, _ctx: object) -> None:
         if self.backbone.max_ongoing_requests < self.batch.max_batch_size:

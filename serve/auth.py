@@ -137,6 +137,11 @@ class Authenticator:
         check_startup(serve_cfg, tenants)
         return cls(security, tenants)
 
+    @property
+    def tenant_ids(self) -> list[str]:
+        """Every tenant that can authenticate (the local one alone with auth off)."""
+        return sorted(self._buckets) if self.enabled else [LOCAL_TENANT]
+
     def _count_bad_key(self, client: str) -> None:
         with self._lock:
             if len(self._bad_keys) > _MAX_TRACKED_CLIENTS:

@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from orthovision.errors import InputError
 from orthovision.model.pipeline import Classified, ItemOutcome, Prepared, PreparedBatch
-from serve import clinical
+from serve import clinical, studies
 from serve.auth import LOCAL_TENANT
 from serve.gather import Gatherer
 from serve.http import new_request_id
@@ -29,7 +29,8 @@ from serve.records import explanation_url
 
 if TYPE_CHECKING:
     from orthovision.config import ServeConfig
-    from serve.store import ResultStore
+    from serve.patients import PatientKeys
+    from serve.store import ResultStore, StudyEntry
 
 log = logging.getLogger("ray.serve")
 # A preprocessed batch, or the Preprocessor's response that brings it (Ray resolves it).
@@ -45,6 +46,12 @@ class Job:
     explain: bool = False
     # The authenticated tenant: stored as the record's owner; only it can read the record.
     tenant: str = LOCAL_TENANT
+    # The study the client named (X-Study-Instance-UID, or a STOW-RS instance's header read
+    # on arrival) and that instance's patient reference; a DICOM input's own UID wins.
+    study_uid: str | None = None
+    patient_ref: str | None = None
+    # Keep a display rendering of a DICOM input (the viewer's image.png).
+    display: bool = False
     # Resolved with the item's error as soon as preprocessing rejects it, so a bad input is
     # answered without waiting for its batch's forward passes (None: no early answer).
     early: asyncio.Future | None = field(default=None, compare=False, repr=False)
@@ -75,11 +82,17 @@ class Deployments:
 
 
 class Classifier:
-    """Classifies jobs through the deployments, stores each answer with its owner and
-    queues the explanations asked for."""
+    """Classifies jobs through the deployments, stores each answer with its owner (and its
+    study entry) and queues the explanations asked for."""
 
-    def __init__(self, deployments: Deployments, store: ResultStore, cfg: ServeConfig) -> None:
-        self.deployments, self.store, self.cfg = deployments, store, cfg
+    def __init__(
+        self,
+        deployments: Deployments,
+        store: ResultStore,
+        cfg: ServeConfig,
+        patients: PatientKeys,
+    ) -> None:
+        self.deployments, self.store, self.cfg, self.patients = deployments, store, cfg, patients
         self._explanations: set[asyncio.Task] = set()
         # Single-image requests that wait together share one trip through the pipeline: a
         # Ray call costs more CPU than preprocessing a small JPEG, so hops are paid per batch.
@@ -87,11 +100,18 @@ class Classifier:
             self.classify, cfg.batch.max_batch_size, cfg.ingress_batches, isolate=(RayError,)
         )
 
-    async def one(self, data: bytes, tenant: str, explain: bool) -> ItemOutcome:
+    async def one(
+        self,
+        data: bytes,
+        tenant: str,
+        explain: bool,
+        study_uid: str | None = None,
+        display: bool = False,
+    ) -> ItemOutcome:
         """One image, gathered with whatever waits beside it; a rejected input is answered
         as soon as its preprocessing fails."""
         early = asyncio.get_running_loop().create_future()
-        job = Job(data, new_request_id(), explain, tenant, early)
+        job = Job(data, new_request_id(), explain, tenant, study_uid, display=display, early=early)
         return await first_answer(self.gatherer.submit(job), early)
 
     async def classify(self, jobs: Sequence[Job]) -> list[ItemOutcome]:
@@ -105,7 +125,7 @@ class Classifier:
     async def _classify_chunk(self, jobs: Sequence[Job]) -> list[ItemOutcome]:
         started = time.perf_counter()
         d = self.deployments
-        prepared = d.preprocessor.remote([job.data for job in jobs])
+        prepared = d.preprocessor.remote([j.data for j in jobs], [j.display for j in jobs])
         logits = [handle.remote(prepared) for handle in d.backbones.values()]
         fused = d.fusion.remote([job.request_id for job in jobs], prepared, *logits)
         if any(job.early is not None for job in jobs):
@@ -123,7 +143,7 @@ class Classifier:
         self, jobs: Sequence[Job], prepared: Batch, outcomes: Sequence[ItemOutcome]
     ) -> list[ItemOutcome]:
         """Store each answer with its owner (and its explanation's link, the explanation
-        queued); the outcomes as answered."""
+        queued) and each instance of a study; the outcomes as answered."""
         answers: list[ItemOutcome] = []
         records = []
         for index, (job, out) in enumerate(zip(jobs, outcomes, strict=True)):
@@ -131,12 +151,47 @@ class Classifier:
                 metrics().observe_result(job.tenant, out.result)
                 if job.explain:
                     out = await self._with_explanation(job.request_id, out, prepared, index)
-                private = out.private(job.tenant)
+                private = self.patients.seal(job.tenant, out.private(job.tenant))
                 records.append((job.request_id, clinical.stored_record(out.result, private)))
             answers.append(out)
         if records:
-            await self.store.put_records(records, ttl_s=self.cfg.record_ttl_s)
+            await self.store.put_records(records, ttl_s=self.cfg.record_retention_s)
+        entries = [e for e in map(self._study_entry, jobs, answers) if e is not None]
+        if entries:
+            await self.store.put_study_entries(entries, ttl_s=self.cfg.study_retention_s)
         return answers
+
+    def _study_entry(self, job: Job, out: ItemOutcome) -> StudyEntry | None:
+        """The instance's study entry; None when it names no study (a plain upload, or a
+        DICOM input refused before its header was read)."""
+        if isinstance(out, InputError):
+            if job.study_uid is None:
+                return None
+            return studies.instance_entry(
+                job.tenant, job.request_id, out, job.study_uid, time.time(), None, job.patient_ref
+            )
+        source = out.dicom_source or {}
+        study_uid = source.get("StudyInstanceUID") or job.study_uid
+        if study_uid is None:
+            return None
+        ref = self.patients.ref(
+            job.tenant, source.get("PatientID"), source.get("IssuerOfPatientID")
+        )
+        return studies.instance_entry(
+            job.tenant, job.request_id, out.result, study_uid, out.created_at, source, ref
+        )
+
+    async def register_pending(self, jobs: Sequence[Job]) -> None:
+        """Record the instances of named studies as pending before they are classified, so
+        a study read meanwhile says it is not complete."""
+        now = time.time()
+        entries = [
+            studies.pending_entry(job.tenant, job.request_id, job.study_uid, now, job.patient_ref)
+            for job in jobs
+            if job.study_uid is not None
+        ]
+        if entries:
+            await self.store.put_study_entries(entries, ttl_s=self.cfg.study_retention_s)
 
     async def _with_explanation(
         self, request_id: str, out: Classified, prepared: Batch, index: int
@@ -161,7 +216,7 @@ class Classifier:
         except ValueError:  # a concurrent request for the same SC queued it first
             return "pending", "The explanation is being computed; retry shortly."
         record["explanation_url"] = explanation_url(request_id)
-        await self.store.put_records([(request_id, record)], ttl_s=self.cfg.record_ttl_s)
+        await self.store.put_records([(request_id, record)], ttl_s=self.cfg.record_retention_s)
         self._queue_explanation(request_id, batch, 0, result)
         return "pending", "The explanation was requested with this call; retry shortly."
 

@@ -65,6 +65,18 @@ def sr_bytes(record: dict, source: dict) -> bytes:
     return to_bytes(structured_report(public(record), source, created_at(record)))
 
 
+def study_sr_bytes(tenant: str, study: dict, instances: list[tuple[dict, dict]]) -> bytes:
+    """The DICOM Comprehensive SR of a study from its (record, DICOM source) pairs; its
+    UIDs follow the tenant, study and instances it covers."""
+    from orthovision.clinical.dicom_objects import study_report, to_bytes
+
+    ids = sorted(public(record)["request_id"] for record, _source in instances)
+    seed = "/".join(["study", tenant, study["study_instance_uid"], *ids])
+    pairs = [(public(record), source) for record, source in instances]
+    newest = max(created_at(record) for record, _source in instances)
+    return to_bytes(study_report(study, pairs, newest, seed))
+
+
 def sc_bytes(record: dict, source: dict, overlay: bytes) -> bytes:
     """The DICOM Secondary Capture of its heat-map overlay PNG (Part 10 bytes)."""
     from orthovision.clinical.dicom_objects import secondary_capture, to_bytes
@@ -87,6 +99,17 @@ def decode_model_input(text: str) -> np.ndarray:
     if grey is None:
         raise ValueError("stored model input is not a PNG")
     return grey[None]
+
+
+def encode_display(png: bytes) -> str:
+    """A display rendering's PNG as base64 text (records are JSON)."""
+    return base64.b64encode(png).decode("ascii")
+
+
+def display_png(record: dict) -> bytes | None:
+    """The stored display rendering of a DICOM input (kept when asked for), or None."""
+    text = private(record).get("display_png")
+    return base64.b64decode(text) if text else None
 
 
 def png_to_rgb(png: bytes) -> np.ndarray:

@@ -46,7 +46,9 @@ class Explainer:
         self, prepared: Prepared, target_class: int | None
     ) -> tuple[dict, bytes, dict[LayerKind, bytes]]:
         with torch.enable_grad():
-            result = explain(self.model, prepared.pixels, target_class=target_class)
+            result = explain(
+                self.model, prepared.pixels, target_class, content_box=prepared.content_box
+            )
         png = overlay_png(prepared.pixels[0], result.heatmap, self.cfg.explain.overlay_alpha)
         grey = prepared.pixels[0]
         # The two layers of the overlay, for a viewer's opacity slider.
@@ -60,6 +62,10 @@ class Explainer:
             "fusion_weights": result.fusion_weights,
             "heatmap_size": list(result.heatmap.shape),
         }
+        if prepared.content_box is not None:
+            # Where the source lies in the heat map (left, top, width, height): a viewer
+            # crops this box and scales it onto the full image (the letterbox undone).
+            summary["input_box"] = list(prepared.content_box)
         return summary, png, layers
 
     async def __call__(

@@ -16,7 +16,7 @@ from orthovision.model.pipeline import (
     PreparedBatch,
     assemble_prediction,
 )
-from serve.clinical import encode_model_input
+from serve.clinical import encode_display, encode_model_input
 from serve.metrics import metrics
 from serve.runtime import checkpoint_path, config_from
 
@@ -74,6 +74,7 @@ class Fusion:
             model_input_png=(
                 encode_model_input(prepared.pixels) if prepared.dicom_source else None
             ),
+            display_png=encode_display(prepared.display_png) if prepared.display_png else None,
         )
 
     async def model_card(self) -> dict:

@@ -1,20 +1,27 @@
-"""Stored predictions and explanations as the read routes see them: a tenant reads its own
-records only, and no explanation stays pending forever."""
+"""Stored predictions, explanations, studies and patient timelines as the routes see them: a
+tenant reads (and erases) its own only, and nothing stays pending forever."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve import clinical
-from serve.http import SAFE_REQUEST_ID
+from serve import clinical, studies
+from serve.http import SAFE_REQUEST_ID, ApiError
+from serve.patients import PATIENT_REF
+from serve.store import Erased
 
 if TYPE_CHECKING:
-    from serve.store import ExplanationRecord, ResultStore
+    from serve.patients import PatientKeys
+    from serve.store import ExplanationRecord, ResultStore, StudyEntry
 
+log = logging.getLogger("ray.serve")
 # The explanation's route (explanation id == request id); its PNG is this plus ".png".
 EXPLANATION_ROUTE = "/v1/explanations/{explanation_id}"
 
@@ -37,8 +44,10 @@ def explanation_response(record: ExplanationRecord) -> JSONResponse:
 
 
 class Records:
-    def __init__(self, store: ResultStore, explanation_timeout_s: float) -> None:
-        self.store = store
+    def __init__(
+        self, store: ResultStore, explanation_timeout_s: float, patients: PatientKeys
+    ) -> None:
+        self.store, self.patients = store, patients
         # Past this an explanation still pending lost the ingress replica that awaited it.
         self.pending_deadline_s = 2 * explanation_timeout_s + 30
 
@@ -93,3 +102,71 @@ class Records:
         if explanation.state == "failed":
             return None, "failed", "The explanation failed."
         return await self.store.get_explanation_png(request_id), "done", ""
+
+    # ---- studies and patients ----------------------------------------------------------
+    def _settled(self, entries: list[StudyEntry]) -> list[StudyEntry]:
+        return studies.settled(entries, time.time(), self.pending_deadline_s)
+
+    async def study(self, study_uid: str, tenant: str) -> dict:
+        """The tenant's study with each instance and the study result, or a 404 (another
+        tenant's study answers exactly like an unknown one)."""
+        studies.check_study_uid(study_uid, "StudyInstanceUID")
+        entries = await self.store.get_study(tenant, study_uid)
+        if not entries:
+            raise StarletteHTTPException(404, "unknown or expired study")
+        return studies.study_body(study_uid, self._settled(entries))
+
+    async def study_instances(
+        self, study_uid: str, tenant: str
+    ) -> tuple[dict, list[tuple[dict, dict]]]:
+        """The study and its classified DICOM instances still retained, as (record, opened
+        DICOM source) pairs: what a study SR references; a 404 when there is none."""
+        study = await self.study(study_uid, tenant)
+        pairs = []
+        for instance in (i for i in study["instances"] if i["state"] == "done"):
+            record = await self.owned(instance["request_id"], tenant)
+            source = record and self.patients.open(tenant, clinical.private(record))
+            if source:  # None: expired, or not a DICOM input
+                pairs.append((record, source))
+        if not pairs:
+            raise ApiError(
+                404, "not_dicom", "no classified DICOM instance of this study is retained"
+            )
+        return study, pairs
+
+    async def studies_of(self, study_uids: list[str], tenant: str) -> list[dict]:
+        """The tenant's studies among `study_uids` (each once, in order; "" skipped)."""
+        bodies = []
+        for uid in dict.fromkeys(u for u in study_uids if u):
+            entries = await self.store.get_study(tenant, uid)
+            if entries:
+                bodies.append(studies.study_body(uid, self._settled(entries)))
+        return bodies
+
+    async def timeline(self, patient_ref: str | None, tenant: str) -> dict:
+        """The tenant's timeline of a patient reference, or a 404."""
+        entries = []
+        if patient_ref and PATIENT_REF.fullmatch(patient_ref):
+            entries = await self.store.get_patient_entries(tenant, patient_ref)
+        if not entries:
+            raise StarletteHTTPException(404, "unknown patient or no study retained")
+        return studies.timeline(patient_ref, self._settled(entries))
+
+    async def erase(self, patient_ref: str | None, tenant: str) -> dict:
+        """Erase the tenant's patient: every study entry, record and explanation."""
+        erased = Erased()
+        if patient_ref and PATIENT_REF.fullmatch(patient_ref):
+            erased = await self.store.erase_patient(tenant, patient_ref)
+        removed = asdict(erased)
+        return {"patient_ref": patient_ref, "removed": removed, "total": sum(removed.values())}
+
+
+async def sweep_forever(store: ResultStore, interval_s: float) -> None:
+    """Delete what outlived its retention every `interval_s` (docs/STUDIES.md: retention),
+    even when no write comes to trigger the store's own purge; Redis expires by itself."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await store.sweep()
+        except Exception as exc:  # a sweep that fails is retried next interval, never fatal
+            log.warning("retention sweep failed: %s", type(exc).__name__)

@@ -92,14 +92,24 @@ def _stamp(ds, created_at: float) -> None:
         ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
 
 
-def structured_report(result: dict, source: dict[str, str], created_at: float):
-    """Comprehensive SR (TID 2000-like tree): finding, per-class probabilities, algorithm
-    identification, the source image reference and the not-a-diagnosis statement."""
+def _algorithm_items(model: dict) -> list:
+    from highdicom.sr import RelationshipTypeValues, TextContentItem
+
+    contains = RelationshipTypeValues.CONTAINS
+    return [
+        TextContentItem(_code("111001", "DCM", "Algorithm Name"), model["name"], contains),
+        TextContentItem(_code("111003", "DCM", "Algorithm Version"), model["version"], contains),
+        TextContentItem(
+            _code("weights-sha256", SCHEME, "Model weights SHA-256"), model["sha256"], contains
+        ),
+    ]
+
+
+def _finding_items(result: dict, src) -> list:
+    """One image's finding (or abstention and why), per-class probabilities, validated
+    classes and its source image reference."""
     from highdicom.sr import CodeContentItem as Code
     from highdicom.sr import (
-        ComprehensiveSR,
-        ContainerContentItem,
-        ContentSequence,
         ImageContentItem,
         NumContentItem,
         RelationshipTypeValues,
@@ -107,16 +117,8 @@ def structured_report(result: dict, source: dict[str, str], created_at: float):
     )
 
     contains = RelationshipTypeValues.CONTAINS
-    src = source_dataset(source)
-    model = result["model"]
     validated = list(result.get("validated_classes", []))
-    items = [
-        TextContentItem(_code("111001", "DCM", "Algorithm Name"), model["name"], contains),
-        TextContentItem(_code("111003", "DCM", "Algorithm Version"), model["version"], contains),
-        TextContentItem(
-            _code("weights-sha256", SCHEME, "Model weights SHA-256"), model["sha256"], contains
-        ),
-    ]
+    items = []
     if result.get("abstained") or not result.get("label"):
         finding = _code("abstained", SCHEME, "abstained")
         items.append(Code(_code("121071", "DCM", "Finding"), finding, contains))
@@ -146,16 +148,30 @@ def structured_report(result: dict, source: dict[str, str], created_at: float):
             relationship_type=contains,
         )
     )
-    items.append(TextContentItem(_code("121106", "DCM", "Comment"), NOT_A_DIAGNOSIS, contains))
+    return items
+
+
+def _report(evidence: list, items: list, uid_seed: str, created_at: float):
+    """The Comprehensive SR around a content tree's items: evidence, derived UIDs, the
+    not-a-diagnosis comment, the local coding scheme, reproducible dates."""
+    from highdicom.sr import (
+        ComprehensiveSR,
+        ContainerContentItem,
+        ContentSequence,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
+
+    contains = RelationshipTypeValues.CONTAINS
+    comment = TextContentItem(_code("121106", "DCM", "Comment"), NOT_A_DIAGNOSIS, contains)
     root = ContainerContentItem(_code("18748-4", "LN", "Diagnostic Imaging Report"))
-    root.ContentSequence = ContentSequence(items, is_root=False)
-    request_id = result["request_id"]
+    root.ContentSequence = ContentSequence([*items, comment], is_root=False)
     sr = ComprehensiveSR(
-        evidence=[src],
+        evidence=evidence,
         content=root,
-        series_instance_uid=derived_uid(request_id, "sr-series"),
+        series_instance_uid=derived_uid(uid_seed, "sr-series"),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=derived_uid(request_id, "sr"),
+        sop_instance_uid=derived_uid(uid_seed, "sr"),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -167,6 +183,61 @@ def structured_report(result: dict, source: dict[str, str], created_at: float):
     sr.CodingSchemeIdentificationSequence = [_local_scheme()]
     _stamp(sr, created_at)
     return sr
+
+
+def structured_report(result: dict, source: dict[str, str], created_at: float):
+    """Comprehensive SR (TID 2000-like tree): finding, per-class probabilities, algorithm
+    identification, the source image reference and the not-a-diagnosis statement."""
+    src = source_dataset(source)
+    items = [*_algorithm_items(result["model"]), *_finding_items(result, src)]
+    return _report([src], items, result["request_id"], created_at)
+
+
+def study_report(
+    study: dict, instances: list[tuple[dict, dict[str, str]]], created_at: float, seed: str
+):
+    """Comprehensive SR of a study: the study result (its rule, the fracture probability of
+    the driving view and that view's image) and one container per classified instance
+    (its finding, probabilities and image), every instance in the evidence.
+
+    `instances`: (v1 result, DICOM source) pairs of one study; `seed` makes the UIDs (the
+    same instances give the same SR, a new instance a new one)."""
+    from highdicom.sr import (
+        ContainerContentItem,
+        ContentSequence,
+        ImageContentItem,
+        NumContentItem,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
+
+    contains = RelationshipTypeValues.CONTAINS
+    sources = [source_dataset(source) for _result, source in instances]
+    result = study["result"]
+    items = [
+        *_algorithm_items(instances[0][0]["model"]),
+        TextContentItem(_code("study-rule", SCHEME, "Study rule"), result["rule"], contains),
+    ]
+    if result["fracture_probability"] is not None:
+        concept = _code("p-study-fracture", SCHEME, "Study probability of fracture")
+        value = float(result["fracture_probability"])
+        items.append(NumContentItem(concept, value, _code(*UCUM_NO_UNITS), None, contains))
+    by_request = {r["request_id"]: src for (r, _s), src in zip(instances, sources, strict=True)}
+    driver = by_request.get(result["driving_request_id"] or "")
+    if driver is not None:
+        concept = _code("driving-view", SCHEME, "Driving view")
+        items.append(
+            ImageContentItem(
+                concept, driver.SOPClassUID, driver.SOPInstanceUID, relationship_type=contains
+            )
+        )
+    for (one, _source), src in zip(instances, sources, strict=True):
+        view = ContainerContentItem(
+            _code("image-finding", SCHEME, "Image finding"), relationship_type=contains
+        )
+        view.ContentSequence = ContentSequence(_finding_items(one, src), is_root=False)
+        items.append(view)
+    return _report(sources, items, seed, created_at)
 
 
 def _local_scheme():

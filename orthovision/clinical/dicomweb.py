@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orthovision.errors import InputError, InputTooLarge, UnsupportedFormat
 
@@ -99,8 +99,24 @@ def is_part10(data: bytes) -> bool:
     return data[DICOM_PREAMBLE_BYTES : DICOM_PREAMBLE_BYTES + 4] == b"DICM"
 
 
-def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
-    """(SOPClassUID, SOPInstanceUID) from an instance's header, "" where unreadable.
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the ingress reads of an instance before classifying it: its references, its
+    study, and the patient id it hashes at once into a reference (never kept or shown)."""
+
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_uid: str = ""
+    patient_id: str = field(default="", repr=False)
+    issuer: str = field(default="", repr=False)
+
+
+_HEADER_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")
+_HEADER_IDS = ("PatientID", "IssuerOfPatientID")
+
+
+def instance_header(data: bytes, max_inflated: int = 64 << 20) -> InstanceHeader:
+    """An instance's header fields ("" where unreadable or, for a UID, malformed).
 
     Only a DICOM Part 10 signature is parsed, and a deflated data set inflates through the
     decoder's capped stream (this runs in the ingress, on every part).
@@ -110,18 +126,26 @@ def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
     from orthovision.imaging.dicom import read_dicom
 
     if not is_part10(data):
-        return "", ""
+        return InstanceHeader()
     try:
         ds = read_dicom(
             data,
             max_inflated,
             stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+            specific_tags=[*_HEADER_UIDS, *_HEADER_IDS],
         )
-        values = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
-    except Exception:  # any parse failure of a hostile header: just no reference
-        return "", ""
-    return tuple(v if v and UID(v).is_valid else "" for v in values)  # type: ignore[return-value]
+        uids = [str(ds.get(k, "") or "").strip() for k in _HEADER_UIDS]
+        ids = [str(ds.get(k, "") or "").strip()[:64] for k in _HEADER_IDS]
+    except Exception:  # any parse failure of a hostile header: just no header
+        return InstanceHeader()
+    valid = [v if v and UID(v).is_valid else "" for v in uids]
+    return InstanceHeader(*valid, *ids)
+
+
+def sop_reference(data: bytes, max_inflated: int = 64 << 20) -> tuple[str, str]:
+    """(SOPClassUID, SOPInstanceUID) from an instance's header, "" where unreadable."""
+    header = instance_header(data, max_inflated)
+    return header.sop_class_uid, header.sop_instance_uid
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ DICOM_SOURCE_ATTRIBUTES = {
     "StudyDescription": 64,
     "SeriesNumber": 12,
     "Laterality": 16,
+    "ViewPosition": 16,  # the view of a study's instance (AP, PA, LAT...): study results
 }
 
 

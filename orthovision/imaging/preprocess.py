@@ -24,11 +24,24 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return rescale_to_uint8(image, float(image.min()), float(image.max()))
 
 
+def fitted_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(width, height) after `fit_within(image, size)` of a (height, width) image."""
+    scale = size / max(height, width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of a (height, width) image inside its letterboxed
+    size x size model input: the geometry a heat map is mapped back to the source with."""
+    new_w, new_h = fitted_size(height, width, size)
+    return (size - new_w) // 2, (size - new_h) // 2, new_w, new_h
+
+
 def fit_within(image: np.ndarray, size: int) -> np.ndarray:
     """Resize so the longer side equals `size`, keeping aspect ratio (area filter to shrink)."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    new_w, new_h = fitted_size(h, w, size)
     if (new_w, new_h) == (w, h):
         return image
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
@@ -79,6 +92,14 @@ class Preprocessor:
             # CLAHE before padding so the black border does not skew the tile histograms.
             out = pad_center(self._clahe.apply(fit_within(grey, size)), size, self.cfg.pad_value)
         return np.ascontiguousarray(out[None])
+
+    def content_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(left, top, width, height) that a (height, width) grey image fills in the model
+        input: the whole input when stretched, the letterbox's inner box otherwise."""
+        size = self.cfg.image_size
+        if self.cfg.resize_mode == "stretch":
+            return 0, 0, size, size
+        return letterbox_box(height, width, size)
 
 
 def to_model_input(

@@ -3,6 +3,15 @@
 The CAM hooks live on the shared model, so a replica explains one image at a time.
 Explaining leaves no trace on the model: hooks are removed, train/eval flags,
 requires_grad flags and .grad are restored, and no parameter or BN statistic changes.
+
+Attention outside the exposed field is suppressed. A CNN responds most to the strongest
+edges, and on real radiographs those are the collimator's and the letterbox's borders, not
+anatomy: GradCAM++ of such an image peaks on the frame, and the per-image [0, 1] rescaling
+then dims everything else. Each branch's map is therefore multiplied by `exposed_field`
+of the model input (padding and flat black or saturated areas reaching the image's edge
+count as outside, feathered a few pixels into the field) before it is rescaled and fused.
+This changes what is shown, never the prediction; `explain(..., mask_field=False)` gives
+the raw maps.
 """
 
 from __future__ import annotations
@@ -28,6 +37,60 @@ class Explanation:
     branch_heatmaps: dict[str, np.ndarray]  # name -> (H, W) float32 in [0, 1]
     target_class: int
     fusion_weights: dict[str, float]
+    # (H, W) float32 in [0, 1]: the weight each CAM was multiplied by (all ones: unmasked).
+    field: np.ndarray | None = None
+
+
+# After CLAHE (orthovision/imaging/preprocess.py) a black border or padding sits at 0..~3
+# (a flat tile maps to clip/256 of the range) and an unexposed, collimated area stays at
+# 255; anatomy in a flat extreme the size of FIELD_MIN_AREA does not occur.
+FIELD_DARK_MAX = 8
+FIELD_BRIGHT_MIN = 254
+# A flat extreme smaller than this share of the image is a tile's darkest or brightest
+# speck (CLAHE maps each tile's extremes to the ends of the range), not a border.
+FIELD_MIN_AREA = 0.005
+# The feather's width in model-input pixels: the edge itself, seen from inside the field,
+# is the collimator's too.
+FIELD_FEATHER_PX = 3.0
+# Less field than this means the border detection failed (a uniform image): no mask.
+FIELD_MIN_SHARE = 0.05
+
+
+def exposed_field(
+    pixels: np.ndarray, content_box: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """float32 (H, W) in [0, 1]: 1 inside the radiograph's exposed field, 0 outside it.
+
+    Outside: what lies beyond `content_box` (the letterbox padding, when known) and every
+    flat black (<= FIELD_DARK_MAX) or saturated (>= FIELD_BRIGHT_MIN) region that reaches
+    the image's edge (black borders, shutters, air, collimated areas). A dark or bright
+    area enclosed by the field stays in it. The step to 0 is feathered inwards over
+    FIELD_FEATHER_PX, so the field's own edge gets little weight either.
+    """
+    grey = np.asarray(pixels)
+    if grey.ndim == 3:
+        grey = grey[0]
+    if grey.ndim != 2 or grey.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 (H, W) image, got {grey.shape} {grey.dtype}")
+    h, w = grey.shape
+    outside = np.zeros((h, w), bool)
+    if content_box is not None:
+        left, top, box_w, box_h = content_box
+        inside = np.zeros((h, w), bool)
+        inside[max(0, top) : top + box_h, max(0, left) : left + box_w] = True
+        outside |= ~inside
+    min_area = FIELD_MIN_AREA * h * w
+    for extreme in (grey <= FIELD_DARK_MAX, grey >= FIELD_BRIGHT_MIN):
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(extreme.astype(np.uint8), 4)
+        edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        border = [k for k in edge if k != 0 and stats[k, cv2.CC_STAT_AREA] >= min_area]
+        if border:
+            outside |= np.isin(labels, border)
+    field = (~outside).astype(np.float32)
+    if field.mean() < FIELD_MIN_SHARE:
+        return np.ones((h, w), np.float32)
+    # Feather inwards only: blurred * binary stays 0 outside and ramps up to 1 inside.
+    return field * cv2.GaussianBlur(field, (0, 0), FIELD_FEATHER_PX)
 
 
 _TARGET_LAYERS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
@@ -112,15 +175,23 @@ def _as_batch(image_uint8: np.ndarray) -> torch.Tensor:
 
 
 def explain(
-    model: Ensemble, image_uint8: np.ndarray, target_class: int | None = None
+    model: Ensemble,
+    image_uint8: np.ndarray,
+    target_class: int | None = None,
+    content_box: tuple[int, int, int, int] | None = None,
+    mask_field: bool = True,
 ) -> Explanation:
-    """GradCAM++ of each branch for `target_class` (default: the fused prediction), fused
-    with the ensemble's fusion weights and rescaled to [0, 1]."""
+    """GradCAM++ of each branch for `target_class` (default: the fused prediction), each
+    limited to the exposed field (`exposed_field`, unless mask_field is False; the image's
+    `content_box` in the input marks the padding), fused with the ensemble's fusion
+    weights and rescaled to [0, 1]."""
     x = _as_batch(image_uint8)
     num_classes = len(model.cfg.classes)
     if target_class is not None and not 0 <= target_class < num_classes:
         raise ValueError(f"target_class {target_class} outside 0..{num_classes - 1}")
     weights = dict(zip(model.branch_names, model.fusion_weights.float().tolist(), strict=True))
+    pixels = x[0, 0].numpy()
+    field = exposed_field(pixels, content_box) if mask_field else np.ones_like(pixels, np.float32)
 
     with _eval_mode(model), _frozen_parameters(model), torch.inference_mode(False):
         if target_class is None:
@@ -133,7 +204,8 @@ def explain(
             # Input gradients keep the graph alive although parameters are frozen.
             inputs = model.branch_input(name, x).requires_grad_(True)
             with GradCAMPlusPlus(model=backbone, target_layers=[layer]) as cam, torch.enable_grad():
-                branch_maps[name] = _normalise(cam(input_tensor=inputs, targets=targets)[0])
+                raw = cam(input_tensor=inputs, targets=targets)[0]
+                branch_maps[name] = _normalise(raw * field)
 
     fused = sum(weights[name] * cam for name, cam in branch_maps.items())
     return Explanation(
@@ -141,6 +213,7 @@ def explain(
         branch_heatmaps=branch_maps,
         target_class=target_class,
         fusion_weights=weights,
+        field=field,
     )
 
 

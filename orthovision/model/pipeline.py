@@ -37,6 +37,12 @@ class Prepared:
     # DICOM source UIDs and patient/study attributes (DecodedImage.dicom_source): for DICOM
     # outputs only, never in the public result, repr or logs.
     dicom_source: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    # (left, top, width, height) the image fills in `pixels` (the letterbox's inner box):
+    # where a heat map of these pixels lies on the source image.
+    content_box: tuple[int, int, int, int] | None = None
+    # A DICOM input's display rendering (PNG, imaging/display.py), made only when the
+    # client asks (the viewer): a browser cannot show DICOM itself.
+    display_png: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -92,12 +98,16 @@ class Classified:
     # The 224x224 grey model input as base64 PNG, kept for DICOM inputs only: a PACS may ask
     # for the heat-map Secondary Capture later, and the explanation is made from it.
     model_input_png: str | None = field(default=None, repr=False, compare=False)
+    # Prepared.display_png as base64, for GET /v1/predictions/{id}/image.png.
+    display_png: str | None = field(default=None, repr=False, compare=False)
 
     def private(self, tenant: str) -> dict:
         """The record's private part (schema.PRIVATE_KEY), owned by `tenant`."""
         part: dict = {"created_at": self.created_at, "dicom_source": self.dicom_source}
         if self.model_input_png is not None:
             part["model_input_png"] = self.model_input_png
+        if self.display_png is not None:
+            part["display_png"] = self.display_png
         return {**part, "tenant": tenant}
 
 
@@ -124,7 +134,11 @@ def prepare(data: bytes, cfg: OrthoVisionConfig, preprocessor: Preprocessor) -> 
     report = assess_quality(decoded, cfg.quality)
     report.raise_if_rejected()
     return Prepared(
-        preprocessor(decoded.pixels), decoded.metadata(), report.to_dict(), decoded.dicom_source
+        preprocessor(decoded.pixels),
+        decoded.metadata(),
+        report.to_dict(),
+        decoded.dicom_source,
+        preprocessor.content_box(*decoded.pixels.shape),
     )
 
 

@@ -21,6 +21,7 @@ APP_LABEL = "app.kubernetes.io/name"
 POOL_MARKER_CAPACITY = 1000
 API_KEYS_ENV = "ORTHOVISION_API_KEYS"  # read by serve/auth.py (security.api_keys_env)
 REDIS_PASSWORD_ENV = "ORTHOVISION_REDIS_PASSWORD"  # serve/store/redis.py REDIS_PASSWORD_ENV
+PATIENT_KEYS_ENV = "ORTHOVISION_PATIENT_KEYS"  # serve/patients.py (security.patient_keys_env)
 RAY_UID = 1000  # the rayproject images' `ray` user
 
 
@@ -44,6 +45,9 @@ class ClusterSpec(BaseModel):
     monitoring_namespace: str = "monitoring"  # Prometheus: scrapes port 8080
     api_keys_secret: str = "orthovision-api-keys"
     api_keys_secret_key: str = "api-keys"
+    # JSON {tenant: secret} for patient references, in the API keys' Secret (optional: a
+    # tenant without one gets no timeline and SR/SC without patient attributes).
+    patient_keys_secret_key: str = "patient-keys"
     redis_name: str = "orthovision-redis"
     redis_image: str = "redis:7.2-alpine"
     redis_storage: str = "8Gi"

@@ -23,6 +23,7 @@ from orthovision.config import OrthoVisionConfig
 from serve.manifests.cluster import (
     API_KEYS_ENV,
     APP_LABEL,
+    PATIENT_KEYS_ENV,
     POOL_MARKER_CAPACITY,
     RAY_UID,
     REDIS_PASSWORD_ENV,
@@ -174,10 +175,13 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
             "livenessProbe": _exec_probe(f"{RAYLET_OK} && {GCS_OK}", failure_threshold=120),
         },
     )
-    # Only the CPU pool hosts the Ingress, so only its pods see the API keys.
+    # Only the CPU pool hosts the Ingress, so only its pods see the API and patient keys.
     redis_password = _secret_env(REDIS_PASSWORD_ENV, spec.redis_secret, "password")
+    patient_keys = _secret_env(PATIENT_KEYS_ENV, spec.api_keys_secret, spec.patient_keys_secret_key)
+    patient_keys["valueFrom"]["secretKeyRef"]["optional"] = True
+    secrets = [api_keys, redis_password, patient_keys]
     cpu_worker = _container(
-        "ray-worker", spec, spec.cpu_worker, worker_ports, [api_keys, redis_password], worker_probes
+        "ray-worker", spec, spec.cpu_worker, worker_ports, secrets, worker_probes
     )
     gpu_worker = _container("ray-worker", spec, spec.gpu_worker, worker_ports, [], worker_probes)
     gpu_tolerations = {

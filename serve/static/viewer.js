@@ -85,6 +85,184 @@ keyInput.addEventListener("input", () => {
 });
 keyInput.addEventListener("change", loadModelCard);
 
+// ---- image viewer: zoom, pan, window/level, heat map ---------------------------------
+// The full radiograph on a canvas (its grey values mapped through the window), the heat
+// map on a second canvas over it; both fill one layer that zoom and pan transform.
+const MAX_SIDE = 2048; // the service's display renderings are no larger either
+const ZOOM_STEP = 1.25;
+const PAN_STEP = 40;
+const WL_DEFAULT = { width: 256, centre: 128 }; // the identity on 8-bit grey
+
+// DICOM PS3.3 C.11.2.1.2.1, the linear VOI function, on 0..255: 256/128 is the identity.
+function windowLut(width, centre) {
+  const lut = new Uint8ClampedArray(256);
+  for (let v = 0; v < 256; v += 1) {
+    lut[v] = Math.round(((v - (centre - 0.5)) / (width - 1) + 0.5) * 255);
+  }
+  return lut;
+}
+
+// Where the source lies in the square model input the heat map belongs to: the box the
+// service reports, else the letterbox of an image of this aspect ratio
+// (orthovision/imaging/preprocess.py: fit the long side, centre, pad).
+function letterboxBox(width, height, size) {
+  const scale = size / Math.max(width, height);
+  const w = Math.max(1, Math.round(width * scale));
+  const h = Math.max(1, Math.round(height * scale));
+  return [Math.floor((size - w) / 2), Math.floor((size - h) / 2), w, h];
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser cannot show this image"));
+    img.src = url;
+  });
+}
+
+function createViewer(card) {
+  const viewport = $(".viewport", card);
+  const layer = $(".layer", card);
+  const base = $(".base", card);
+  const heat = $(".heat", card);
+  const ww = $(".ww", card);
+  const wc = $(".wc", card);
+  const state = { scale: 1, x: 0, y: 0, fit: 1, grey: null, width: 0, height: 0 };
+
+  const apply = () => {
+    layer.style.transform = `translate(${state.x}px, ${state.y}px) scale(${state.scale})`;
+    viewport.dataset.scale = String(state.scale);
+    $(".zoom-value", card).textContent = `zoom ${Math.round(100 * state.scale)}%`;
+  };
+  const fit = () => {
+    if (!state.width) return;
+    const vw = viewport.clientWidth;
+    const vh = viewport.clientHeight;
+    state.fit = Math.min(vw / state.width, vh / state.height);
+    state.scale = state.fit;
+    state.x = (vw - state.width * state.scale) / 2;
+    state.y = (vh - state.height * state.scale) / 2;
+    apply();
+  };
+  // Zoom by `factor` keeping the layer point under (cx, cy) (viewport pixels) in place.
+  const zoomAt = (factor, cx = viewport.clientWidth / 2, cy = viewport.clientHeight / 2) => {
+    if (!state.width) return;
+    // From half the fitted size up to 8 screen pixels an image pixel (or 16x the fit).
+    const most = Math.max(8, 16 * state.fit);
+    const scale = Math.min(Math.max(state.scale * factor, state.fit / 2), most);
+    state.x = cx - ((cx - state.x) * scale) / state.scale;
+    state.y = cy - ((cy - state.y) * scale) / state.scale;
+    state.scale = scale;
+    apply();
+  };
+  const pan = (dx, dy) => { state.x += dx; state.y += dy; apply(); };
+
+  const drawWindow = () => {
+    const width = Number(ww.value);
+    const centre = Number(wc.value);
+    $(".wl-value", card).textContent = `W ${width} / L ${centre}`;
+    if (!state.grey) return;
+    const ctx = base.getContext("2d");
+    const out = new ImageData(new Uint8ClampedArray(state.grey.data), state.width, state.height);
+    if (width !== WL_DEFAULT.width || centre !== WL_DEFAULT.centre) {
+      const lut = windowLut(width, centre);
+      const d = out.data;
+      for (let i = 0; i < d.length; i += 4) {
+        d[i] = lut[d[i]]; d[i + 1] = lut[d[i + 1]]; d[i + 2] = lut[d[i + 2]];
+      }
+    }
+    ctx.putImageData(out, 0, 0);
+  };
+  let pending = false;
+  const redraw = () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; drawWindow(); });
+  };
+  ww.addEventListener("input", redraw);
+  wc.addEventListener("input", redraw);
+  $(".wl-reset", card).addEventListener("click", () => {
+    ww.value = WL_DEFAULT.width;
+    wc.value = WL_DEFAULT.centre;
+    drawWindow();
+  });
+  $(".zoom-in", card).addEventListener("click", () => zoomAt(ZOOM_STEP));
+  $(".zoom-out", card).addEventListener("click", () => zoomAt(1 / ZOOM_STEP));
+  $(".zoom-fit", card).addEventListener("click", fit);
+  viewport.addEventListener("wheel", (ev) => {
+    ev.preventDefault();
+    const rect = viewport.getBoundingClientRect();
+    zoomAt(Math.exp(-ev.deltaY * 0.0015), ev.clientX - rect.left, ev.clientY - rect.top);
+  }, { passive: false });
+  viewport.addEventListener("pointerdown", (ev) => {
+    if (ev.button !== 0) return;
+    viewport.setPointerCapture(ev.pointerId);
+    let last = [ev.clientX, ev.clientY];
+    const move = (e) => {
+      pan(e.clientX - last[0], e.clientY - last[1]);
+      last = [e.clientX, e.clientY];
+    };
+    const up = () => {
+      viewport.removeEventListener("pointermove", move);
+      viewport.removeEventListener("pointerup", up);
+      viewport.removeEventListener("pointercancel", up);
+      viewport.classList.remove("dragging");
+    };
+    viewport.classList.add("dragging");
+    viewport.addEventListener("pointermove", move);
+    viewport.addEventListener("pointerup", up);
+    viewport.addEventListener("pointercancel", up);
+  });
+  const keys = {
+    "+": () => zoomAt(ZOOM_STEP), "=": () => zoomAt(ZOOM_STEP), "-": () => zoomAt(1 / ZOOM_STEP),
+    "0": fit, ArrowLeft: () => pan(PAN_STEP, 0), ArrowRight: () => pan(-PAN_STEP, 0),
+    ArrowUp: () => pan(0, PAN_STEP), ArrowDown: () => pan(0, -PAN_STEP),
+  };
+  viewport.addEventListener("keydown", (ev) => {
+    const action = keys[ev.key];
+    if (!action) return;
+    ev.preventDefault();
+    action();
+  });
+  drawWindow();
+
+  return {
+    // The full image (the upload, or the service's display rendering of a DICOM input),
+    // at most MAX_SIDE on its long side. `kind` says which ("model-input" as a last resort).
+    async setBase(url, kind) {
+      const img = await loadImage(url);
+      const scale = Math.min(1, MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight));
+      state.width = Math.max(1, Math.round(img.naturalWidth * scale));
+      state.height = Math.max(1, Math.round(img.naturalHeight * scale));
+      base.width = state.width;
+      base.height = state.height;
+      const ctx = base.getContext("2d", { willReadFrequently: true });
+      ctx.drawImage(img, 0, 0, state.width, state.height);
+      state.grey = ctx.getImageData(0, 0, state.width, state.height);
+      layer.style.width = `${state.width}px`;
+      layer.style.height = `${state.height}px`;
+      base.hidden = false;
+      card.dataset.image = kind;
+      drawWindow();
+      fit();
+    },
+    get kind() { return card.dataset.image || ""; },
+    get size() { return [state.width, state.height]; },
+    // The heat map of the model input, cropped to where the source lies in it (`box`:
+    // left, top, width, height) and stretched over the full image by the layer.
+    async setHeat(url, box) {
+      const img = await loadImage(url);
+      const [left, top, w, h] = box;
+      heat.width = w;
+      heat.height = h;
+      heat.getContext("2d").drawImage(img, left, top, w, h, 0, 0, w, h);
+      heat.hidden = false;
+    },
+    setOpacity(value) { heat.style.opacity = String(value); },
+  };
+}
+
 // ---- one result card -----------------------------------------------------------------
 function bars(container, probabilities, validated) {
   container.replaceChildren();
@@ -180,7 +358,7 @@ function render(card, result) {
   }
 }
 
-async function pollExplanation(card, url) {
+async function pollExplanation(card, viewer, url) {
   const status = $(".heat-status", card);
   status.textContent = "heat map: computing...";
   const started = Date.now();
@@ -193,22 +371,25 @@ async function pollExplanation(card, url) {
     if (!resp.ok) throw new Error(await apiError(resp));
     const body = await resp.json();
     if (body.state !== "done") throw new Error(body.error ? body.error.message : body.state);
-    const [base, heat] = await Promise.all([
-      fetchBlobUrl(`${url}.png?kind=image`),
-      fetchBlobUrl(`${url}.png?kind=heatmap`),
-    ]);
-    const baseImg = $(".base", card);
-    const heatImg = $(".heat", card);
-    await Promise.all([
-      new Promise((r) => { baseImg.onload = r; baseImg.src = base; }),
-      new Promise((r) => { heatImg.onload = r; heatImg.src = heat; }),
-    ]);
+    const size = (body.heatmap_size || [224, 224])[0];
+    if (!viewer.kind) {
+      // No full image (a DICOM input without a display rendering): the model input the
+      // heat map belongs to, whole, letterbox included.
+      await viewer.setBase(await fetchBlobUrl(`${url}.png?kind=image`), "model-input");
+    }
+    const [w, h] = viewer.size;
+    const box = viewer.kind === "model-input" ? [0, 0, size, size]
+      : body.input_box || letterboxBox(w, h, size);
+    await viewer.setHeat(await fetchBlobUrl(`${url}.png?kind=heatmap`), box);
     const slider = $(".opacity", card);
-    const apply = () => { heatImg.style.opacity = String(slider.value / 100); };
+    const apply = () => viewer.setOpacity(slider.value / 100);
     slider.addEventListener("input", apply);
     apply();
     $(".opacity-label", card).hidden = false;
-    status.textContent = `heat map for ${body.target_class} (GradCAM++, model input 224x224)`;
+    $(".legend", card).hidden = false;
+    $(".heat-note", card).hidden = false;
+    status.textContent = `heat map for ${body.target_class} (GradCAM++), ` +
+      (viewer.kind === "model-input" ? "on the 224x224 model input" : "on the full image");
     card.dataset.state = "heatmap-ready";
     return;
   }
@@ -222,12 +403,16 @@ async function classify(file) {
   status.textContent = "classifying...";
   card.dataset.state = "pending";
   $("#results").prepend(card);
-  if (/^image\/(png|jpeg)$/.test(file.type)) $(".base", card).src = URL.createObjectURL(file);
+  const viewer = createViewer(card);
+  // PNG and JPEG: the browser shows the upload itself; DICOM: the service's rendering.
+  const shown = /^image\/(png|jpeg)$/.test(file.type)
+    ? viewer.setBase(URL.createObjectURL(file), "upload").catch(() => null)
+    : Promise.resolve();
 
   const explain = $("#explain").checked;
   let resp;
   try {
-    resp = await fetch(`/v1/predict${explain ? "?explain=true" : ""}`, {
+    resp = await fetch(`/v1/predict?display=true${explain ? "&explain=true" : ""}`, {
       method: "POST",
       headers: headers({ "Content-Type": file.type || "application/octet-stream" }),
       body: file,
@@ -247,11 +432,20 @@ async function classify(file) {
   const result = await resp.json();
   status.textContent = `request ${result.request_id}`;
   render(card, result);
+  await shown;
+  if (result.input && result.input.format === "dicom" && !viewer.kind) {
+    try {
+      await viewer.setBase(
+        await fetchBlobUrl(`/v1/predictions/${result.request_id}/image.png`), "display");
+    } catch (err) {
+      $(".heat-status", card).textContent = `no full image: ${err.message}`;
+    }
+  }
   card.dataset.state = "classified";
   if (!validatedClasses) loadModelCard();
   if (result.explanation_url) {
     try {
-      await pollExplanation(card, result.explanation_url);
+      await pollExplanation(card, viewer, result.explanation_url);
     } catch (err) {
       $(".heat-status", card).textContent = `heat map unavailable: ${err.message}`;
       card.dataset.state = "heatmap-failed";

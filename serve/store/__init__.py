@@ -1,4 +1,5 @@
-"""Result store: per-request records and asynchronous explanations, shared by all replicas.
+"""Result store: per-request records, asynchronous explanations and study entries, shared by
+all replicas.
 
 Two backends behind one async interface (`base.ResultStore`): `SQLiteStore` (one machine,
 the default) and `RedisStore` (clusters). `open_store` picks one from the configured URL.
@@ -10,12 +11,14 @@ from urllib.parse import urlsplit
 
 from serve.store.base import (
     DEFAULT_EXPLANATION_TTL_S,
+    Erased,
     ExplanationImage,
     ExplanationRecord,
     ExplanationState,
     LayerKind,
     ResultStore,
     StoreUnavailable,
+    StudyEntry,
 )
 from serve.store.redis import REDIS_PASSWORD_ENV, RedisStore
 from serve.store.sqlite import SQLiteStore, UnsafeStoreDirectory
@@ -23,6 +26,7 @@ from serve.store.sqlite import SQLiteStore, UnsafeStoreDirectory
 __all__ = [
     "DEFAULT_EXPLANATION_TTL_S",
     "REDIS_PASSWORD_ENV",
+    "Erased",
     "ExplanationImage",
     "ExplanationRecord",
     "ExplanationState",
@@ -31,12 +35,13 @@ __all__ = [
     "ResultStore",
     "SQLiteStore",
     "StoreUnavailable",
+    "StudyEntry",
     "UnsafeStoreDirectory",
     "open_store",
 ]
 
 
-def open_store(url: str) -> ResultStore:
+def open_store(url: str, explanation_ttl_s: int = DEFAULT_EXPLANATION_TTL_S) -> ResultStore:
     """``sqlite:///abs/path.db``, ``sqlite:relative.db`` or ``redis://host:port/db``."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
@@ -45,8 +50,8 @@ def open_store(url: str) -> ResultStore:
             raise ValueError("sqlite URL must be sqlite:///abs/path.db or sqlite:relative.db")
         if not parts.path:
             raise ValueError("sqlite URL has no path")
-        return SQLiteStore(parts.path)
+        return SQLiteStore(parts.path, explanation_ttl_s=explanation_ttl_s)
     if scheme in ("redis", "rediss"):
-        return RedisStore(url)
+        return RedisStore(url, explanation_ttl_s=explanation_ttl_s)
     # Never echo the URL: it may carry a password.
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use sqlite: or redis://")

@@ -1,7 +1,8 @@
 """The result store's contract: `ResultStore` and the types and helpers both backends share.
 
 Records may relate to patients: a store keeps exactly what it is given and never logs or
-echoes record contents (nor the store URL, which may carry a password).
+echoes record contents (nor the store URL, which may carry a password). Study entries hold
+a patient's pseudonymous reference, never an identifier (serve/patients.py).
 """
 
 from __future__ import annotations
@@ -9,17 +10,20 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_EXPLANATION_TTL_S",
+    "Erased",
     "ExplanationImage",
     "ExplanationRecord",
     "ExplanationState",
+    "InstanceState",
     "LayerKind",
     "ResultStore",
     "StoreUnavailable",
+    "StudyEntry",
     "check_ttl",
     "dumps",
 ]
@@ -29,6 +33,8 @@ ExplanationState = Literal["pending", "done", "failed"]
 # opacity slider; an explanation's images are these and the overlay itself.
 LayerKind = Literal["image", "heatmap"]
 ExplanationImage = Literal["overlay", "image", "heatmap"]
+# An instance of a study: registered on arrival (STOW-RS), then answered or refused.
+InstanceState = Literal["pending", "done", "failed"]
 
 # Explanations carry PNGs; without a retention bound the store only grows.
 DEFAULT_EXPLANATION_TTL_S = 24 * 3600
@@ -50,6 +56,44 @@ class ExplanationRecord:
     attempts: int
 
 
+@dataclass(frozen=True)
+class StudyEntry:
+    """One instance of a study as the store keeps it, per tenant: ids, dates, anatomy and
+    the prediction's summary. `patient_ref` is a pseudonym; no patient identifier here."""
+
+    tenant: str
+    study_uid: str
+    request_id: str
+    created_at: float
+    state: InstanceState = "done"
+    patient_ref: str | None = None
+    study_date: str | None = None  # DICOM DA: YYYYMMDD
+    body_part: str | None = None
+    view: str | None = None  # DICOM ViewPosition (AP, PA, LAT, ...)
+    label: str | None = None
+    fracture_probability: float | None = None
+    abstained: bool = False
+    abstain_reason: str | None = None
+    error: str | None = None  # the input error's code of a refused instance
+
+    def to_json(self) -> str:
+        return dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> StudyEntry:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+
+
+@dataclass(frozen=True)
+class Erased:
+    """What an erasure removed."""
+
+    records: int = 0
+    explanations: int = 0
+    study_entries: int = 0
+
+
 class ResultStore(ABC):
     """Async store shared by all replicas.
 
@@ -60,6 +104,7 @@ class ResultStore(ABC):
       for an unknown (or expired) id.
     * "done" is terminal for ``fail_explanation``: a late sweeper never overwrites a result.
     * An explanation's images (overlay and layers) live and expire with the explanation.
+    * Study entries are per tenant: a tenant never reads or erases another's.
     * Unreachable backend: ``StoreUnavailable`` (``ping`` returns ``False`` instead).
     """
 
@@ -109,6 +154,31 @@ class ResultStore(ABC):
     @abstractmethod
     async def mark_attempt(self, explanation_id: str) -> int:
         """Increment attempts (and refresh updated_at); return the new count."""
+
+    @abstractmethod
+    async def put_study_entries(
+        self, entries: Sequence[StudyEntry], ttl_s: int | None = None
+    ) -> None:
+        """Insert or replace entries (key: tenant, study, request id) in one round trip;
+        each study's (and its patient's) retention restarts at this write."""
+
+    @abstractmethod
+    async def get_study(self, tenant: str, study_uid: str) -> list[StudyEntry]:
+        """The tenant's entries of one study, oldest first ([] if unknown or expired)."""
+
+    @abstractmethod
+    async def get_patient_entries(self, tenant: str, patient_ref: str) -> list[StudyEntry]:
+        """The tenant's entries with this patient reference, oldest first."""
+
+    @abstractmethod
+    async def erase_patient(self, tenant: str, patient_ref: str) -> Erased:
+        """Remove every study entry of the patient and the records and explanations of
+        their request ids, at once; how many of each were removed."""
+
+    async def sweep(self) -> int:
+        """Delete what outlived its retention now; how many rows went. Backends with native
+        expiry (Redis TTLs) have nothing to sweep."""
+        return 0
 
     @abstractmethod
     async def ping(self) -> bool:

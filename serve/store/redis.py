@@ -19,14 +19,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from serve.store.base import (
     DEFAULT_EXPLANATION_TTL_S,
+    Erased,
     ExplanationImage,
     ExplanationRecord,
     LayerKind,
     ResultStore,
     StoreUnavailable,
+    StudyEntry,
     check_ttl,
     dumps,
 )
@@ -78,6 +81,8 @@ return n
 """
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+# An erasure that keeps racing new instances of its patient gives up after this many tries.
+_ERASE_ATTEMPTS = 8
 
 
 class RedisStore(ResultStore):
@@ -85,7 +90,8 @@ class RedisStore(ResultStore):
 
     Keys: ``ov:rec:<id>`` (JSON string), ``ov:expl:<id>`` (hash), and the explanation's
     images ``ov:expl:<id>:png`` (the overlay) and ``ov:expl:<id>:layers`` (hash kind -> PNG),
-    which expire with it.
+    which expire with it. Studies: ``ov:study:<tenant>:<uid>`` (hash request id -> entry
+    JSON) and ``ov:patient:<tenant>:<ref>`` (set of study uids), each with its TTL.
     """
 
     PREFIX = "ov"
@@ -130,6 +136,12 @@ class RedisStore(ResultStore):
 
     def _layers(self, explanation_id: str) -> str:
         return f"{self.PREFIX}:expl:{explanation_id}:layers"
+
+    def _study(self, tenant: str, study_uid: str) -> str:
+        return f"{self.PREFIX}:study:{tenant}:{study_uid}"
+
+    def _patient(self, tenant: str, patient_ref: str) -> str:
+        return f"{self.PREFIX}:patient:{tenant}:{patient_ref}"
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
@@ -226,6 +238,79 @@ class RedisStore(ResultStore):
             raise KeyError(explanation_id)
         return int(n)
 
+    async def put_study_entries(
+        self, entries: Sequence[StudyEntry], ttl_s: int | None = None
+    ) -> None:
+        check_ttl(ttl_s)
+        keys: set[str] = set()
+        with self._guard():
+            async with self._r.pipeline(transaction=True) as pipe:
+                for e in entries:
+                    study = self._study(e.tenant, e.study_uid)
+                    pipe.hset(study, e.request_id, e.to_json())
+                    keys.add(study)
+                    if e.patient_ref:
+                        patient = self._patient(e.tenant, e.patient_ref)
+                        pipe.sadd(patient, e.study_uid)
+                        keys.add(patient)
+                for key in sorted(keys) if ttl_s else ():
+                    pipe.expire(key, ttl_s)
+                await pipe.execute()
+
+    async def get_study(self, tenant: str, study_uid: str) -> list[StudyEntry]:
+        with self._guard():
+            fields = await self._r.hgetall(self._study(tenant, study_uid))
+        return _ordered(fields.values())
+
+    async def get_patient_entries(self, tenant: str, patient_ref: str) -> list[StudyEntry]:
+        with self._guard():
+            studies = await self._r.smembers(self._patient(tenant, patient_ref))
+            async with self._r.pipeline(transaction=False) as pipe:
+                for uid in sorted(studies):
+                    pipe.hvals(self._study(tenant, uid.decode()))
+                bodies = [body for values in await pipe.execute() for body in values]
+        return [e for e in _ordered(bodies) if e.patient_ref == patient_ref]
+
+    async def erase_patient(self, tenant: str, patient_ref: str) -> Erased:
+        """Read the patient's entries under WATCH, delete in one MULTI; a concurrent write
+        to the patient or one of its studies restarts it (nothing written meanwhile stays)."""
+        patient = self._patient(tenant, patient_ref)
+        with self._guard():
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(_ERASE_ATTEMPTS):
+                    try:
+                        return await self._erase_once(pipe, tenant, patient_ref, patient)
+                    except WatchError:
+                        continue
+        raise StoreUnavailable("redis: erasure kept racing concurrent writes")
+
+    async def _erase_once(self, pipe, tenant: str, patient_ref: str, patient: str) -> Erased:
+        await pipe.watch(patient)
+        studies = [self._study(tenant, uid.decode()) for uid in await pipe.smembers(patient)]
+        if studies:
+            await pipe.watch(*studies)
+        doomed: dict[str, list[str]] = {}
+        for study in studies:
+            for rid, body in (await pipe.hgetall(study)).items():
+                if StudyEntry.from_json(body).patient_ref == patient_ref:
+                    doomed.setdefault(study, []).append(rid.decode())
+        rids = [rid for ids in doomed.values() for rid in ids]
+        pipe.multi()
+        for study, ids in doomed.items():
+            pipe.hdel(study, *ids)
+        for rid in rids:
+            pipe.delete(self._rec(rid))
+            pipe.delete(self._expl(rid))
+            pipe.delete(self._png(rid), self._layers(rid))
+        pipe.delete(patient)
+        out = await pipe.execute()
+        per_id = out[len(doomed) : len(doomed) + 3 * len(rids)]
+        return Erased(
+            records=sum(per_id[0::3]),
+            explanations=sum(per_id[1::3]),
+            study_entries=sum(out[: len(doomed)]),
+        )
+
     async def ping(self) -> bool:
         try:
             with self._guard():
@@ -235,3 +320,9 @@ class RedisStore(ResultStore):
 
     async def close(self) -> None:
         await self._r.aclose()
+
+
+def _ordered(bodies) -> list[StudyEntry]:
+    """Entries oldest first (ties by request id: a stable order for equal clocks)."""
+    entries = [StudyEntry.from_json(body) for body in bodies]
+    return sorted(entries, key=lambda e: (e.created_at, e.request_id))

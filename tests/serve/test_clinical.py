@@ -13,8 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 from support.data import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, SHARED
+from support.dicomweb import related_body
 from support.images import make_dicom, make_png
-from support.liveapp import radiograph
+from support.liveapp import KEY_B, radiograph
 
 pytestmark = pytest.mark.serve
 
@@ -80,6 +81,37 @@ def test_heatmap_layers(live_app, explained_dicom):
     assert alpha.min() < 64 and alpha.max() > 192  # transparent where cold, opaque where hot
     bad = live_app.client.get(f"/v1/explanations/{rid}.png", params={"kind": "nope"})
     assert bad.status_code == 422
+
+
+def test_display_image_of_a_dicom_input_for_its_owner_only(live_app):
+    """display=true keeps a DICOM input's rendering (the viewer's full image): the
+    source's size and aspect, pixels only; the explanation says where the source lies in
+    the heat map."""
+    from PIL import Image
+
+    c = live_app.client
+    data = make_dicom(pixels=radiograph(7, h=600, w=400).astype(np.uint16) * 16)
+    result = c.post("/v1/predict?display=true&explain=true", content=data).json()
+    rid = result["request_id"]
+    r = c.get(f"/v1/predictions/{rid}/image.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["cache-control"] == "no-store"
+    shown = Image.open(io.BytesIO(r.content))
+    assert shown.mode == "L" and shown.size == (400, 600) and not shown.info
+    for value in (FAKE_PATIENT_ID, FAKE_PATIENT_NAME):
+        assert value.encode() not in r.content
+    wait_explained(c, rid)
+    # 400x600 fitted into 224: 149x224, centred (orthovision/imaging/preprocess.py).
+    assert c.get(f"/v1/explanations/{rid}").json()["input_box"] == [37, 0, 149, 224]
+
+    other = c.get(f"/v1/predictions/{rid}/image.png", headers={"X-API-Key": KEY_B})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+    plain = c.post("/v1/predict", content=data).json()["request_id"]
+    png = c.post("/v1/predict?display=true", content=make_png(radiograph(8))).json()
+    for kept_none in (plain, png["request_id"]):
+        r = c.get(f"/v1/predictions/{kept_none}/image.png")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "no_display"
+    assert c.get("/v1/predictions/no-such-id/image.png").status_code == 404
 
 
 @requires_poppler
@@ -197,13 +229,6 @@ def test_dicom_outputs_refused_for_non_dicom_and_sc_made_on_request(live_app):
     assert image.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and image.pixel_array.std() > 0
     # The prediction now links its explanation.
     assert c.get(f"/v1/predictions/{rid}").json()["explanation_url"]
-
-
-def related_body(parts: list[bytes], boundary: str) -> bytes:
-    out = b""
-    for part in parts:
-        out += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
 
 
 def test_stow_rs_classifies_each_instance(live_app):

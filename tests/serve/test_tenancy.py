@@ -1,12 +1,15 @@
-"""Tenant isolation on the live app: every GET route that takes an id answers 404 to a
-tenant that does not own the record, exactly as for an unknown id."""
+"""Tenant isolation on the live app: every GET route that takes an id (a request id, a
+StudyInstanceUID, a patient reference) answers 404 to a tenant that does not own it,
+exactly as for an unknown id."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 
 import httpx
+import pydicom
 import pytest
 from support.images import make_dicom, radiograph
 from support.liveapp import KEY_B, post_with_retry
@@ -20,13 +23,18 @@ def id_routes(client: httpx.Client) -> list[str]:
     return sorted(p for p, ops in paths.items() if "get" in ops and p.count("{") == 1)
 
 
+# Per path parameter: an id that nobody owns, well-formed.
+UNKNOWN = {"study_instance_uid": "1.2.3.4.5.6.7.8.9", "patient_ref": "0" * 64}
+
+
 @pytest.fixture(scope="module")
-def owned_dicom(live_app) -> str:
-    """A DICOM prediction of hospital-a with a finished explanation: every route has data."""
+def owned_dicom(live_app) -> dict[str, str]:
+    """A DICOM prediction of hospital-a with a finished explanation: every route has data.
+    Its ids by path parameter name."""
     body = make_dicom(pixels=radiograph().astype("uint16") << 2)
     r = post_with_retry(
         live_app.client,
-        "/v1/predict?explain=true",
+        "/v1/predict?explain=true&display=true",  # display: the viewer's image.png is kept
         content=body,
         headers={"content-type": "application/dicom"},
     )
@@ -39,26 +47,29 @@ def owned_dicom(live_app) -> str:
             break
         time.sleep(0.5)
     assert state == "done"
-    return rid
+    study = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True).StudyInstanceUID
+    ref = live_app.client.get(f"/v1/studies/{study}").json()["patient_ref"]
+    ids = {"request_id": rid, "explanation_id": rid}
+    return ids | {"study_instance_uid": study, "patient_ref": ref}
 
 
 def test_other_tenant_reads_nothing(live_app, owned_dicom):
     routes = id_routes(live_app.client)
-    # prediction, its PDF, SR, SC, explanation and its PNG layers at least
-    assert len(routes) >= 6, routes
+    # prediction, its PDF, SR, SC, explanation, study, study SR, timeline at least
+    assert len(routes) >= 9, routes
     other = httpx.Client(base_url=live_app.url, headers={"X-API-Key": KEY_B}, timeout=60)
     for template in routes:
         name = template[template.index("{") + 1 : template.index("}")]
-        path = template.replace("{" + name + "}", owned_dicom)
+        path = template.replace("{" + name + "}", owned_dicom[name])
         owner = live_app.client.get(path)
         assert owner.status_code == 200, (path, owner.status_code, owner.text[:200])
         stranger = other.get(path)
-        unknown = other.get(template.replace("{" + name + "}", "0" * 32))
+        unknown = other.get(template.replace("{" + name + "}", UNKNOWN.get(name, "0" * 32)))
         assert stranger.status_code == 404, (path, stranger.status_code)
         # Indistinguishable from an id that does not exist.
         assert stranger.json() == unknown.json(), path
     for kind in ("heatmap", "image"):
-        path = f"/v1/explanations/{owned_dicom}.png?kind={kind}"
+        path = f"/v1/explanations/{owned_dicom['request_id']}.png?kind={kind}"
         assert live_app.client.get(path).status_code == 200
         assert other.get(path).status_code == 404
 

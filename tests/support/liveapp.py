@@ -6,6 +6,8 @@ suite pays for one Ray start.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from support.images import make_png, radiograph
 
 KEY, VIEWER_KEY = "test-key-hospital-a", "test-key-viewer"
 KEY_B = "test-key-hospital-b"  # a second full tenant: isolation tests
+# Each tenant's patient secret (serve/patients.py); the viewer tenant has none.
+PATIENT_KEYS = {"hospital-a": "patient-secret-hospital-a", "hospital-b": "patient-secret-b-0123"}
 
 
 def free_port() -> int:
@@ -121,6 +125,8 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
         trained=False,
     )
     add_ood_detector(tmp / "ckpt", threshold=1e9)  # scored end to end, never abstains
+    # The local cluster's workers inherit the driver's environment (as pods get a Secret).
+    os.environ[cfg.serve.security.patient_keys_env] = json.dumps(PATIENT_KEYS)
     ray.init(
         num_cpus=4,
         include_dashboard=False,

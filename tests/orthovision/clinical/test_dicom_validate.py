@@ -59,3 +59,56 @@ def test_sr_and_sc_validate_and_are_reproducible(tmp_path, laterality):
     assert errors(tmp_path, first_sc) == []
     time.sleep(1.1)  # a clock-stamped attribute would now differ
     assert sr() == first_sr and sc() == first_sc
+
+
+def test_study_sr_references_every_instance_and_validates(tmp_path):
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from orthovision.clinical.dicom_objects import study_report
+
+    study_uid = generate_uid()
+    sources = [
+        decode_radiograph(
+            make_dicom(
+                pixels=radiograph(seed=i).astype(np.uint16) << 2,
+                StudyInstanceUID=study_uid,
+                ViewPosition=view,
+            )
+        ).dicom_source
+        for i, view in enumerate(("AP", "LAT", "PA"))
+    ]
+    results = [
+        {
+            **RESULT,
+            "request_id": f"r{i}",
+            "probabilities": {**RESULT["probabilities"], "fracture": p},
+        }
+        for i, p in enumerate((0.2, 0.9, 0.4))
+    ]
+    study = {"result": {"rule": "max over views", "fracture_probability": 0.9}}
+    study["result"]["driving_request_id"] = "r1"
+    pairs = list(zip(results, sources, strict=True))
+    data = to_bytes(study_report(study, pairs, 1.7e9, "t/seed"))
+    assert errors(tmp_path, data) == []
+    sr = pydicom.dcmread(io.BytesIO(data))
+    assert sr.StudyInstanceUID == study_uid and sr.PatientID == sources[0]["PatientID"]
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    referenced = {
+        ref.ReferencedSOPInstanceUID
+        for series in evidence.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert referenced == {s["SOPInstanceUID"] for s in sources}
+    items = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in sr.ContentSequence}
+    assert (
+        float(items["Study probability of fracture"].MeasuredValueSequence[0].NumericValue) == 0.9
+    )
+    driving = items["Driving view"].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    assert driving == sources[1]["SOPInstanceUID"]
+    views = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER"]
+    assert len(views) == 3
+    again = to_bytes(study_report(study, pairs, 1.7e9, "t/seed"))
+    assert again == data

@@ -47,6 +47,28 @@ def test_letterbox_keeps_aspect_and_pads_with_black():
     assert out[:, 56:168].mean() > 50
 
 
+@pytest.mark.parametrize(
+    ("shape", "mode", "box"),
+    [
+        ((400, 200), "letterbox", (56, 0, 112, 224)),
+        ((306, 252), "letterbox", (20, 0, 184, 224)),
+        ((101, 333), "letterbox", (0, 78, 224, 68)),
+        ((224, 224), "letterbox", (0, 0, 224, 224)),
+        ((1, 250), "letterbox", (0, 111, 224, 1)),
+        ((400, 200), "stretch", (0, 0, 224, 224)),
+    ],
+)
+def test_content_box_is_where_the_image_lies_in_the_model_input(shape, mode, box):
+    """The box a viewer maps the heat map back with is exactly the non-padding area."""
+    pre = Preprocessor(PreprocessConfig(resize_mode=mode, pad_value=7))
+    out = pre(np.full(shape, 200, np.uint8))[0]
+    assert pre.content_box(*shape) == box
+    left, top, w, h = box
+    inside = np.zeros(out.shape, bool)
+    inside[top : top + h, left : left + w] = True
+    assert (out[~inside] == 7).all() and (out[inside] != 7).all()
+
+
 def test_fit_within_longer_side():
     assert fit_within(np.zeros((3000, 1500), np.uint8), 224).shape == (224, 112)
     assert pad_center(np.zeros((224, 112), np.uint8), 224).shape == (224, 224)

@@ -10,7 +10,12 @@ import torch
 
 from orthovision.config import BackboneConfig, ModelConfig
 from orthovision.model.backbones import Ensemble, build_ensemble
-from orthovision.model.explain import explain, overlay_png, target_layer_name
+from orthovision.model.explain import (
+    explain,
+    exposed_field,
+    overlay_png,
+    target_layer_name,
+)
 
 SIZE = 96
 
@@ -148,3 +153,64 @@ def test_overlay_png_decodes_at_the_grey_image_size(alpha, grey_shape):
 def test_overlay_png_refuses_colour_input():
     with pytest.raises(ValueError):
         overlay_png(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32))
+
+
+# ---- attention outside the exposed field ------------------------------------------------
+BAND = 16  # px of border on each side of a SIZE x SIZE input: 56% of its area
+
+
+def framed(image: np.ndarray, value: int) -> np.ndarray:
+    """`image` inside a flat border band of `value` (a black frame, a collimated area)."""
+    out = image.copy()
+    out[:BAND], out[-BAND:], out[:, :BAND], out[:, -BAND:] = value, value, value, value
+    return out
+
+
+def band_mask() -> np.ndarray:
+    inner = np.zeros((SIZE, SIZE), bool)
+    inner[BAND:-BAND, BAND:-BAND] = True
+    return ~inner
+
+
+@pytest.mark.parametrize("value", [0, 3, 255])
+def test_field_excludes_a_flat_border_of_either_extreme(image, value):
+    field = exposed_field(framed(image, value))
+    assert (field[band_mask()] == 0).all()
+    assert field[BAND + 8 : -BAND - 8, BAND + 8 : -BAND - 8].min() > 0.99  # feathered edge
+    assert field.min() >= 0 and field.max() <= 1
+
+
+def test_field_keeps_dark_and_bright_areas_the_anatomy_encloses(image):
+    inner = image.copy()
+    inner[30:50, 30:50] = 0  # dark, enclosed by the field: anatomy (or a lucency)
+    inner[60:70, 0:40] = 255  # bright, touching the edge but textured around
+    inner[60:70, 0:40:2] = 200
+    field = exposed_field(inner)
+    assert field[35:45, 35:45].min() > 0.9
+    assert field[62:68, 4:36].min() > 0.5
+
+
+def test_field_marks_the_letterbox_padding_whatever_its_value(image):
+    field = exposed_field(image, content_box=(20, 0, 56, SIZE))  # pad value unknown
+    assert (field[:, :20] == 0).all() and (field[:, 76:] == 0).all()
+    assert field[:, 30:66].min() > 0.9
+
+
+def test_a_uniform_image_keeps_its_map_unmasked():
+    assert (exposed_field(np.zeros((SIZE, SIZE), np.uint8)) == 1).all()
+
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_heat_map_mass_in_a_border_band_is_suppressed(model, image, value):
+    """GradCAM++ of a framed image: the raw maps put weight on the band (its edges are
+    the strongest in the image), the explained map almost none."""
+    framed_image = framed(image, value)
+    band = band_mask()
+    raw = explain(model, framed_image, target_class=0, mask_field=False)
+    exp = explain(model, framed_image, target_class=0)
+    share = float((exp.heatmap * band).sum() / exp.heatmap.sum())
+    raw_share = float((raw.heatmap * band).sum() / raw.heatmap.sum())
+    assert share < 0.01 and raw_share > 0.3
+    for heat in exp.branch_heatmaps.values():
+        assert float((heat * band).sum() / heat.sum()) < 0.01
+    assert exp.heatmap.max() == pytest.approx(1.0)  # rescaled within the field

@@ -290,16 +290,19 @@ def test_api_keys_come_from_a_secret_on_the_ingress_pool_only():
         return [e for e in env if "secretKeyRef" in e.get("valueFrom", {})]
 
     by_group = {name: secret_env(g) for name, g in GROUPS}
-    # The Ingress pool: API keys and the result store's Redis password, nothing else.
+    # The Ingress pool: API keys, the result store's Redis password and the patient keys
+    # (serve/patients.py), nothing else.
     assert [e["name"] for e in by_group["cpu"]] == [
         "ORTHOVISION_API_KEYS",
         "ORTHOVISION_REDIS_PASSWORD",
+        "ORTHOVISION_PATIENT_KEYS",
     ]
     assert by_group["head"] == by_group["gpu"] == []
     # Only a reference: no key value is ever written into a rendered manifest.
+    keys = {"ORTHOVISION_API_KEYS", "ORTHOVISION_PATIENT_KEYS"}
     for _, group in GROUPS:
         for e in group["template"]["spec"]["containers"][0].get("env", []):
-            assert e["name"] != "ORTHOVISION_API_KEYS" or "value" not in e
+            assert e["name"] not in keys or "value" not in e
 
 
 def test_control_ports_stay_inside_the_cluster():

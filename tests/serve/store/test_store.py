@@ -1,24 +1,24 @@
 """Result store: both backends, same behaviour (serve/store/).
 
-The Redis cases run against a real ``redis-server`` started here on a free port; without the
-binary they are skipped. Long because every behaviour runs against both backends.
+The Redis cases run against a real ``redis-server`` started on a free port (conftest.py,
+support/stores.py); without the binary they are skipped. Long because every behaviour runs
+against both backends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from support.stores import REDIS_BIN, Factory, RedisServer, needs_redis, run
 
 from serve.store import (
     ExplanationRecord,
@@ -29,116 +29,8 @@ from serve.store import (
     open_store,
 )
 
-REDIS_BIN = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(
-    REDIS_BIN is None, reason="redis-server not installed (.ci/run installs it)"
-)
-
 # Bytes a text round-trip would break: NUL, high bytes, CR/LF.
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-
-Factory = Callable[..., ResultStore]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throw-away redis-server process in its own directory."""
-
-    def __init__(
-        self, workdir: Path, *, persistent: bool = False, password: str | None = None
-    ) -> None:
-        self.dir = workdir
-        self.port = _free_port()
-        self.persistent = persistent
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_BIN is not None
-        args = [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", ""]
-        args += ["--appendonly", "yes" if self.persistent else "no"]
-        if self.password:
-            args += ["--requirepass", self.password, "--protected-mode", "yes"]
-        self.proc = subprocess.Popen(
-            args, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis(
-            port=self.port, password=self.password, socket_connect_timeout=0.2, socket_timeout=0.5
-        )
-        deadline = time.monotonic() + 10
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-                try:
-                    if client.ping():
-                        return
-                except redis.exceptions.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not answer PING")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()  # SIGTERM: redis flushes the AOF before exiting
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def flush(self) -> None:
-        with redis.Redis(port=self.port) as client:
-            client.flushdb()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if REDIS_BIN is None:
-        pytest.skip("redis-server not installed (.ci/run installs it)")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=needs_redis)])
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
-    """A factory, called inside the test's event loop (redis.asyncio binds to its loop)."""
-    if request.param == "sqlite":
-        db = tmp_path / "store.db"
-        return lambda **kw: SQLiteStore(db, **kw)
-    server: RedisServer = request.getfixturevalue("redis_server")
-    server.flush()
-    return lambda **kw: RedisStore(server.url, **kw)
-
-
-def run(factory: Factory, scenario: Callable[[ResultStore], Awaitable[Any]], **kw: Any) -> Any:
-    async def main() -> Any:
-        store = factory(**kw)
-        try:
-            return await scenario(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- both backends
