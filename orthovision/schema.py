@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from orthovision.imaging.pixels import InputInfo
+
 # Key of the part of a stored per-request record that is never returned by the API (the DICOM
 # source's UIDs and patient/study attributes, the creation time): DICOM outputs read it.
 PRIVATE_KEY = "_private"
@@ -29,20 +31,6 @@ class QualityFindingOut(BaseModel):
 class QualityOut(BaseModel):
     passed: bool
     findings: list[QualityFindingOut]
-
-
-class InputInfo(BaseModel):
-    format: str
-    original_size: tuple[int, int] = Field(description="(width, height) as stored")
-    channels: int
-    modality: str | None = None
-    body_part: str | None = None
-    photometric: str | None = None
-    pixel_spacing_mm: tuple[float, float] | None = None
-    bits_stored: int | None = None
-    frames: int = 1
-    frame_index: int = 0
-    transfer_syntax: str | None = None
 
 
 class Prediction(BaseModel):

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Annotated
 
 import cv2
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from orthovision.config import DecodeConfig
 from orthovision.errors import (
@@ -24,14 +26,16 @@ from orthovision.errors import (
 PIL_ERRORS = (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError, TypeError)
 
 
-@dataclass(frozen=True)
-class DecodedImage:
-    pixels: np.ndarray  # (H, W) uint8 grey, C-contiguous, bone bright
+@dataclass(frozen=True, kw_only=True)
+class InputInfo:
+    """What a result reports about its input (the API's `Prediction.input`): declared once,
+    here, and filled by the decoder. Safe facts only: no patient identifier."""
+
     format: str  # "png" | "jpeg" | "dicom"
-    original_size: tuple[int, int]  # (width, height) as stored, before reduced decoding
+    original_size: Annotated[
+        tuple[int, int], Field(description="(width, height) as stored, before reduced decoding")
+    ]
     channels: int  # channels in the source
-    chroma: float  # mean |colour - grey| (0..255) over the decoded pixels; 0.0 for grey
-    byte_size: int
     modality: str | None = None
     body_part: str | None = None
     photometric: str | None = None
@@ -40,6 +44,13 @@ class DecodedImage:
     frames: int = 1
     frame_index: int = 0
     transfer_syntax: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodedImage(InputInfo):
+    pixels: np.ndarray  # (H, W) uint8 grey, C-contiguous, bone bright
+    chroma: float  # mean |colour - grey| (0..255) over the decoded pixels; 0.0 for grey
+    byte_size: int
     reduced_factor: int = 1
     # DICOM inputs only: the source's UIDs and its patient/study module attributes, for
     # DICOM outputs (SR, SC) filed beside the source. May identify a patient: never in
@@ -49,7 +60,7 @@ class DecodedImage:
     def metadata(self) -> dict:
         """JSON-safe dict of everything but the pixels and the DICOM source (no patient
         identifiers are kept)."""
-        meta = asdict(self)
+        meta = {f.name: getattr(self, f.name) for f in fields(self)}
         meta.pop("pixels")
         meta.pop("dicom_source")
         for key in ("original_size", "pixel_spacing_mm"):
