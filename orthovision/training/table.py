@@ -11,8 +11,9 @@ def budget_line(tc: TrainConfig) -> str:
     steps = "full passes" if tc.max_steps_per_epoch is None else f"{tc.max_steps_per_epoch} steps"
     return (
         f"budget: {tc.epochs} epoch(s) of {steps} at batch {tc.batch_size} "
-        f"(Adam lr {tc.lr:g}, clip {tc.grad_clip_norm}), seed {tc.seed}, balanced sampler, "
-        f"augmentation {'on' if tc.augment else 'off'}; scored on the grouped validation split"
+        f"({tc.optimizer} lr {tc.lr:g}, clip {tc.grad_clip_norm}), seed {tc.seed}, "
+        f"balanced sampler, augmentation {'on' if tc.augment else 'off'}; "
+        "scored on the grouped validation split"
     )
 
 
