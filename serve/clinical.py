@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -47,15 +48,15 @@ def created_at(record: dict) -> float:
     return private(record).get("created_at", time.time())
 
 
-def pdf_report(record: dict, overlay: bytes | None, note: str) -> bytes:
+def pdf_report(record: dict, overlay: bytes | None, note: str, priors: Sequence[str] = ()) -> bytes:
     """The PDF report of a stored prediction: no patient identifiers, only the source's
-    SOPInstanceUID to find the image by."""
+    SOPInstanceUID to find the image by; `priors`: lines on the patient's prior studies."""
     from orthovision.clinical.pdf import build_pdf_report
 
     created = dt.datetime.fromtimestamp(created_at(record), dt.timezone.utc)
     source = dicom_source(record) or {}
     sop = {"SOPInstanceUID": source["SOPInstanceUID"]} if source.get("SOPInstanceUID") else None
-    return build_pdf_report(public(record), overlay, note, created, sop)
+    return build_pdf_report(public(record), overlay, note, created, sop, priors)
 
 
 def sr_bytes(record: dict, source: dict) -> bytes:

@@ -289,7 +289,8 @@ class Ingress:
         tenant = self.guard(request, "read")
         record = await self.records.stored(request_id, tenant)
         overlay, _state, note = await self.records.overlay_png(request_id, record)
-        pdf = await asyncio.to_thread(clinical.pdf_report, record, overlay, note)
+        priors = await self.records.priors(record, tenant)
+        pdf = await asyncio.to_thread(clinical.pdf_report, record, overlay, note, priors)
         return Response(
             pdf,
             media_type="application/pdf",

@@ -152,6 +152,17 @@ class Records:
             raise StarletteHTTPException(404, "unknown patient or no study retained")
         return studies.timeline(patient_ref, self._settled(entries))
 
+    async def priors(self, record: dict, tenant: str) -> list[str]:
+        """The report's lines on the patient's prior studies of the same body part; empty
+        when the record's input names no study or no patient (PNG/JPEG, no patient key)."""
+        uid = (clinical.dicom_source(record) or {}).get("StudyInstanceUID")
+        entries = await self.store.get_study(tenant, uid) if uid else []
+        ref = next((e.patient_ref for e in entries if e.patient_ref), None)
+        if ref is None:
+            return []
+        entries = await self.store.get_patient_entries(tenant, ref)
+        return studies.prior_lines(uid, studies.timeline(ref, self._settled(entries)))
+
     async def erase(self, patient_ref: str | None, tenant: str) -> dict:
         """Erase the tenant's patient: every study entry, record and explanation."""
         erased = Erased()

@@ -200,3 +200,24 @@ def timeline(patient_ref: str, entries: Sequence[StudyEntry]) -> dict:
         older = (s for s in studies[index + 1 :] if part and s["body_part"] == part)
         study["change"] = _change(study, next(older, None))
     return {"patient_ref": patient_ref, "order": "newest first", "studies": studies}
+
+
+def prior_lines(study_uid: str, patient_timeline: dict) -> list[str]:
+    """What a report says about a study's priors: the change since the prior study of the
+    same body part, then each earlier study of that body part (date, result)."""
+    listed = patient_timeline["studies"]
+    index = next((i for i, s in enumerate(listed) if s["study_instance_uid"] == study_uid), None)
+    if index is None:
+        return []
+    study = listed[index]
+    part = study["body_part"]
+    older = [s for s in listed[index + 1 :] if part and s["body_part"] == part]
+    if not older:
+        return []
+    lines = [f"Change: {study['change']['summary']}."] if study.get("change") else []
+    for s in older:
+        p = s["result"]["fracture_probability"]
+        shown = ABSTAINED_TEXT if p is None else f"{p:.2f}"
+        when = s["study_date"] or f"{s['received']} (received)"
+        lines.append(f"{when}, {part}: study fracture probability {shown}")
+    return lines

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+from collections.abc import Sequence
 
 NOT_A_DIAGNOSIS = (
     "This report is a computer-generated second-opinion aid for a qualified reader. "
@@ -32,6 +33,7 @@ def build_pdf_report(
     explanation_note: str | None = None,
     generated_at: dt.datetime | None = None,
     source_reference: dict | None = None,
+    priors: Sequence[str] = (),
 ) -> bytes:
     """PDF bytes for a v1 prediction `result`. `overlay_png` is the heat-map overlay, or None
     with `explanation_note` saying why there is none."""
@@ -129,6 +131,9 @@ def build_pdf_report(
     else:
         story.append(para(explanation_note or "No explanation was requested for this image."))
 
+    if priors:
+        story.append(para("Prior studies (same patient, same body part)", h2))
+        story += [para(line) for line in priors]
     story.append(para("Model", h2))
     story.append(
         para(

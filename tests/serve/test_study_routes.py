@@ -5,7 +5,9 @@ in the store's files, the logs or the metrics; another tenant reads none of it."
 from __future__ import annotations
 
 import io
+import shutil
 import sqlite3
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -211,3 +213,30 @@ def test_no_patient_identifier_in_store_logs_or_metrics(live_app, two_studies):
     leaks += [f"{p.name}: {s}" for p in logs for s in SECRETS if s.encode() in p.read_bytes()]
     leaks += [f"answer: {s}" for a in two_studies["answers"] for s in SECRETS if s in str(a)]
     assert leaks == [] and len(logs) >= 5
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils (pdftotext) not installed")
+def test_the_follow_up_report_names_the_prior_study(live_app, two_studies, tmp_path):
+    first, follow = two_studies["answers"]
+    rid = follow["results"][0]["request_id"]
+    pdf = live_app.client.get(f"/v1/predictions/{rid}/report.pdf")
+    assert pdf.status_code == 200
+    (tmp_path / "r.pdf").write_bytes(pdf.content)
+    text = subprocess.run(
+        ["pdftotext", str(tmp_path / "r.pdf"), "-"], check=True, capture_output=True, text=True
+    ).stdout
+    flat = " ".join(text.split())
+    assert "Prior studies (same patient, same body part)" in flat
+    was = shown(first["studies"][0]["result"]["fracture_probability"])
+    assert f"2026-01-03, HAND: study fracture probability {was}" in flat
+    assert "on the prior study of 2026-01-03" in flat
+    assert not [s for s in SECRETS if s in text]
+    # The first study has no prior: its report says nothing about priors.
+    rid0 = first["results"][0]["request_id"]
+    (tmp_path / "r0.pdf").write_bytes(
+        live_app.client.get(f"/v1/predictions/{rid0}/report.pdf").content
+    )
+    text0 = subprocess.run(
+        ["pdftotext", str(tmp_path / "r0.pdf"), "-"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "Prior studies" not in text0
