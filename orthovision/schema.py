@@ -60,6 +60,11 @@ class Prediction(BaseModel):
     input: InputInfo
     model: ModelInfo
     explanation_url: str | None = None
+    study_instance_uid: str | None = Field(
+        None,
+        description="a DICOM input's StudyInstanceUID, for GET /v1/studies/{uid} and the "
+        "patient's timeline; null for PNG/JPEG",
+    )
 
 
 class ErrorBody(BaseModel):

@@ -221,6 +221,7 @@ def assemble_prediction(
         input=prepared.input_info,
         model=model_info(card),
         explanation_url=explanation_url,
+        study_instance_uid=(prepared.dicom_source or {}).get("StudyInstanceUID") or None,
     )
 
 

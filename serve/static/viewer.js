@@ -358,6 +358,37 @@ function render(card, result) {
   }
 }
 
+// A DICOM input of a known patient: the earlier studies of the same body part, from the
+// pseudonymous timeline (GET /v1/studies/{uid}, then /v1/patients/{ref}/timeline).
+async function showPriors(card, result) {
+  const uid = result.study_instance_uid;
+  if (!uid) return;
+  const study = await fetch(`/v1/studies/${encodeURIComponent(uid)}`, { headers: headers() });
+  if (!study.ok) return;
+  const ref = (await study.json()).patient_ref;
+  if (!ref) return;
+  const resp = await fetch(`/v1/patients/${ref}/timeline`, { headers: headers() });
+  if (!resp.ok) return;
+  const listed = (await resp.json()).studies || [];
+  const at = listed.findIndex((s) => s.study_instance_uid === uid);
+  if (at < 0) return;
+  const part = listed[at].body_part;
+  const older = listed.slice(at + 1).filter((s) => part && s.body_part === part);
+  if (!older.length) return;
+  const box = el("div", { class: "priors", "data-testid": "priors" });
+  box.append(el("h3", {}, `Prior studies (${part})`));
+  const change = listed[at].change;
+  if (change) box.append(el("p", { class: "change" }, `Change: ${change.summary}.`));
+  const list = el("ul");
+  for (const s of older) {
+    const p = s.result.fracture_probability;
+    const shown = p === null ? "none (every view abstained)" : p.toFixed(2);
+    list.append(el("li", {}, `${s.study_date || s.received}: study fracture probability ${shown}`));
+  }
+  box.append(list);
+  $(".links", card).before(box);
+}
+
 async function pollExplanation(card, viewer, url) {
   const status = $(".heat-status", card);
   status.textContent = "heat map: computing...";
@@ -441,6 +472,7 @@ async function classify(file) {
       $(".heat-status", card).textContent = `no full image: ${err.message}`;
     }
   }
+  await showPriors(card, result).catch(() => {});  // priors are extra: never fail the card
   card.dataset.state = "classified";
   if (!validatedClasses) loadModelCard();
   if (result.explanation_url) {

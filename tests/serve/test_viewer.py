@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -242,4 +243,36 @@ def test_viewer_without_a_key_says_what_is_missing(live_app, browser):
         "document.querySelector('[data-testid=model-card]').innerText.includes('to see the model')",
         timeout=30_000,
     )
+    page.close()
+
+
+def test_viewer_shows_the_prior_study_of_the_same_patient(live_app, browser, tmp_path):
+    """Two DICOM studies of one patient: the follow-up's card lists the earlier study."""
+    from pydicom.uid import generate_uid
+
+    patient = f"PID-VIEWER-{uuid.uuid4().hex[:8]}"
+    files = []
+    for i, date in enumerate(("20260103", "20260201")):
+        path = tmp_path / f"study{i}.dcm"
+        pixels = radiograph(20 + i, h=320, w=256).astype(np.uint16) * 16
+        path.write_bytes(
+            make_dicom(
+                pixels=pixels, PatientID=patient, StudyInstanceUID=generate_uid(), StudyDate=date
+            )
+        )
+        files.append(path)
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(live_app.url + "/")
+    page.fill("[data-testid=api-key]", KEY)
+    page.uncheck("#explain")
+    for n, path in enumerate(files, start=1):
+        page.set_input_files("[data-testid=files]", str(path))
+        selector = f"article.result[data-state=classified] >> nth={n - 1}"
+        page.wait_for_selector(selector, timeout=120_000)  # (no wait_for_function: CSP)
+    latest, earliest = page.locator("article.result").nth(0), page.locator("article.result").nth(1)
+    priors = latest.locator("[data-testid=priors]")
+    assert "2026-01-03: study fracture probability" in priors.inner_text()
+    assert "on the prior study of 2026-01-03" in priors.inner_text()
+    assert earliest.locator("[data-testid=priors]").count() == 0
+    assert patient not in page.content()
     page.close()
