@@ -133,6 +133,10 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
         _metrics_export_port=metrics_port,
         configure_logging=False,
     )
+    # The HTTP port is picked once Ray's own processes have taken theirs: picked before,
+    # one of them could grab it first (a proxy that cannot bind never becomes ready).
+    port = free_port()
+    cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": port})})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(AppArgs(config=cfg)), name="orthovision", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
