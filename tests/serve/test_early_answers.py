@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from support.images import make_png, radiograph
 
-pytestmark = pytest.mark.serve
+# Slow lane (`make test-slow`): with the suite's tiny test models the forwards take a few ms,
+# so both medians are Ray's own ~0.3 s overhead and the comparison is noise on a busy
+# 2-core CI box (it failed once in four clean-clone runs). It means something on an idle
+# machine or with the shipped model.
+pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 
 def test_bad_inputs_do_not_wait_for_the_forwards(live_app):
