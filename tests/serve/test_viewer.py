@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from support.images import make_dicom, make_png
 from support.liveapp import KEY, radiograph
 
 pytestmark = pytest.mark.serve
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+expect = sync_api.expect
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -39,7 +42,6 @@ REAL_RADIOGRAPH = SHARED / "fracture-xray" / "fractured" / "01496647d70601c4.jpg
 def browser():
     if CHROMIUM is None:
         pytest.skip("chromium not installed (apt-get install chromium): browser test skipped")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         yield b
@@ -80,6 +82,15 @@ PIXELS_JS = (
 
 def scale(card) -> float:
     return float(card.locator("[data-testid=viewport]").get_attribute("data-scale"))
+
+
+def wait_until(predicate, timeout_s: float = 10.0) -> None:
+    """Poll from Python: the viewer's CSP (script-src 'self') forbids the string
+    evaluation behind page.wait_for_function once it has to poll."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
 
 
 def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
@@ -146,9 +157,7 @@ def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
     vx, vy, vw, vh = rect(viewport)
     page.mouse.move(vx + vw / 2, vy + vh / 2)
     page.mouse.wheel(0, -300)
-    page.wait_for_function(
-        f"document.querySelector('[data-testid=viewport]').dataset.scale > {fit * 1.3}"
-    )
+    wait_until(lambda: scale(card) > fit * 1.3)
     before = rect(base)
     page.mouse.down()
     page.mouse.move(vx + vw / 2 + 60, vy + vh / 2 + 30, steps=4)
@@ -173,8 +182,7 @@ def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
     card.locator("[data-testid=window]").fill("64")
     card.locator("[data-testid=level]").fill("60")
     # The redraw runs on the next animation frame and writes the label with the pixels.
-    label_js = "document.querySelector('[data-testid=wl-value]').innerText"
-    page.wait_for_function(f"{label_js} === 'W 64 / L 60'")
+    expect(wl).to_have_text("W 64 / L 60")
     windowed = base.evaluate(PIXELS_JS)
     changed = np.asarray(windowed) != np.asarray(original)
     assert changed.mean() > 0.5
@@ -239,9 +247,8 @@ def test_viewer_shows_a_dicom_input_whole_with_its_heat_map_in_place(live_app, b
 def test_viewer_without_a_key_says_what_is_missing(live_app, browser):
     page = browser.new_page()
     page.goto(live_app.url + "/")
-    page.wait_for_function(
-        "document.querySelector('[data-testid=model-card]').innerText.includes('to see the model')",
-        timeout=30_000,
+    expect(page.locator("[data-testid=model-card]")).to_contain_text(
+        "to see the model", timeout=30_000
     )
     page.close()
 
@@ -268,7 +275,7 @@ def test_viewer_shows_the_prior_study_of_the_same_patient(live_app, browser, tmp
     for n, path in enumerate(files, start=1):
         page.set_input_files("[data-testid=files]", str(path))
         selector = f"article.result[data-state=classified] >> nth={n - 1}"
-        page.wait_for_selector(selector, timeout=120_000)  # (no wait_for_function: CSP)
+        page.wait_for_selector(selector, timeout=120_000)
     latest, earliest = page.locator("article.result").nth(0), page.locator("article.result").nth(1)
     priors = latest.locator("[data-testid=priors]")
     assert "2026-01-03: study fracture probability" in priors.inner_text()
