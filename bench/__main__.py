@@ -265,7 +265,7 @@ def main() -> None:
     for s in sets.values():
         log(f"images {s.name}: {len(s.samples)} ({s.source}), mean {s.mean_bytes} bytes")
 
-    from orthovision.model.checkpoint import read_card
+    from orthovision.model.card import read_card
     from serve.runtime import checkpoint_path
 
     # The checkpoint's branches are what the replicas run (they follow the checkpoint).

@@ -23,10 +23,11 @@ import torch
 
 from bench.images import DICOM_DIR, FRACTURE_XRAY, fullsize
 from orthovision.config import OrthoVisionConfig
-from orthovision.imaging.preprocess import Preprocessor, to_model_input
+from orthovision.imaging.preprocess import Preprocessor
 from orthovision.labels import CLASSES
 from orthovision.model.checkpoint import load_checkpoint
 from orthovision.model.pipeline import model_pixels
+from orthovision.model.tensors import to_model_input
 from serve.runtime import checkpoint_path
 
 

@@ -27,7 +27,7 @@ def make_runner(model, branch: str, backend: str, device: str, threads: int) -> 
     """uint8 (B, 1, S, S) CPU tensor -> logits, on the backend a Backbone replica would use."""
     import torch
 
-    from orthovision.imaging.preprocess import to_model_input
+    from orthovision.model.tensors import to_model_input
 
     norm = model.norms[branch]
     mean, std = norm.mean.tolist(), norm.std.tolist()

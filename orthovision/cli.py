@@ -40,7 +40,7 @@ def _warn_if_untrained(card: dict) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from orthovision.model.checkpoint import load_checkpoint
-    from orthovision.model.pipeline import LocalPredictor
+    from orthovision.model.local import LocalPredictor
 
     checkpoint = load_checkpoint(args.checkpoint)
     _warn_if_untrained(checkpoint.card)
@@ -181,7 +181,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from orthovision.clinical.pdf import build_pdf_report
     from orthovision.model.checkpoint import load_checkpoint
     from orthovision.model.explain import explain, overlay_png
-    from orthovision.model.pipeline import LocalPredictor
+    from orthovision.model.local import LocalPredictor
 
     checkpoint = load_checkpoint(args.checkpoint)
     _warn_if_untrained(checkpoint.card)
@@ -326,7 +326,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser(extend).parse_args(argv)
-    from orthovision.model.checkpoint import CheckpointError
+    from orthovision.model.card import CheckpointError
 
     try:
         return args.func(args)

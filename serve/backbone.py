@@ -10,16 +10,15 @@ import numpy as np
 import torch
 from ray import serve
 
-from orthovision.imaging.preprocess import to_model_input
 from orthovision.model.checkpoint import load_checkpoint
-from orthovision.model.device import resolve_device
+from orthovision.model.device import enable_cudnn_autotune, resolve_device
 from orthovision.model.pipeline import PreparedBatch
+from orthovision.model.tensors import to_model_input
 from orthovision.safety.ood import branch_features, load_for_checkpoint
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
     config_from,
-    enable_cudnn_autotune,
     forward_thread,
     limit_cpu_threads,
 )
@@ -36,6 +35,7 @@ class Backbone:
         niceness = 0
         if self.device.type == "cpu":
             threads = limit_cpu_threads(cfg.serve.backbone.num_cpus)
+            torch.set_num_threads(threads)
             niceness = cfg.serve.cpu_model_niceness
         else:
             enable_cudnn_autotune()

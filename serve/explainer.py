@@ -31,7 +31,7 @@ class Explainer:
         self.device = resolve_device(self.cfg.serve.device)
         niceness = 0
         if self.device.type == "cpu":
-            limit_cpu_threads(self.cfg.serve.explainer.num_cpus)
+            torch.set_num_threads(limit_cpu_threads(self.cfg.serve.explainer.num_cpus))
             # Explanations are background work: below the backbones as well.
             niceness = 2 * self.cfg.serve.cpu_model_niceness
         self.work = forward_thread(niceness, "explain")

@@ -8,7 +8,7 @@ import numpy as np
 from ray import serve
 
 from orthovision.config import FusionConfig
-from orthovision.model.checkpoint import load_fusion_head
+from orthovision.model.card import load_fusion_head
 from orthovision.model.pipeline import (
     Classified,
     ItemOutcome,

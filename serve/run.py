@@ -13,7 +13,7 @@ import ray
 from ray import serve
 
 from orthovision.client.readiness import wait_http_ok
-from orthovision.model.checkpoint import read_card
+from orthovision.model.card import read_card
 from serve.app import AppArgs, build_app
 from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path

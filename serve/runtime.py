@@ -1,12 +1,12 @@
-"""Small helpers every deployment shares: config from args, checkpoint path, thread pools."""
+"""Small helpers every deployment shares: config from args, checkpoint path, thread pools.
+
+Torch-free: the ingress, Preprocessor and Fusion replicas import it (docs/DESIGN.md)."""
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
 
 from orthovision.config import OrthoVisionConfig
 from orthovision.paths import checkpoint_dir
@@ -33,11 +33,11 @@ def cpu_threads(num_cpus: float) -> int:
 def limit_cpu_threads(num_cpus: float) -> int:
     """One thread pool per replica sized to its CPUs: no oversubscription (docs/DESIGN.md).
 
-    Returns the thread count, for backends with their own pool (ONNX Runtime)."""
+    Sets OpenCV's pool; returns the count for the model replicas' own pools (torch, ONNX
+    Runtime), which they set themselves: the CPU-side replicas never import torch."""
     import cv2
 
     threads = cpu_threads(num_cpus)
-    torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
     return threads
 
@@ -60,18 +60,9 @@ def forward_thread(niceness: int, name: str) -> ThreadPoolExecutor:
     )
 
 
-def enable_cudnn_autotune() -> None:
-    """Fixed 224x224 inputs: let cuDNN pick the fastest kernels once, at warm-up.
-
-    (A function, not inline in a deployment class: Ray pickles deployment classes by value
-    and torch.backends.cudnn is not picklable.)
-    """
-    torch.backends.cudnn.benchmark = True
-
-
 def checkpoint_branches(cfg: OrthoVisionConfig) -> list[str]:
     """Branch names of the checkpoint that will be served (its card, not the serving config:
     a checkpoint may carry other backbones than today's defaults)."""
-    from orthovision.model.checkpoint import branch_names, read_card
+    from orthovision.model.card import branch_names, read_card
 
     return branch_names(read_card(checkpoint_path(cfg)))

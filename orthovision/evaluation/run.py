@@ -151,7 +151,7 @@ def evaluate_checkpoint(
                 report.extra["card_operating_point"] = at_threshold(pos, probs[:, k], op)
     detector = load_for_checkpoint(checkpoint, card)
     if detector is not None:
-        from orthovision.model.pipeline import LocalPredictor
+        from orthovision.model.local import LocalPredictor
         from orthovision.safety.fitting import ood_separation
 
         local = LocalPredictor(ckpt)

@@ -7,11 +7,8 @@ then run CLAHE, so CLAHE never touches a full-size radiograph.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
-import torch
 
 from orthovision.config import PreprocessConfig
 from orthovision.imaging.pixels import rescale_to_uint8
@@ -100,26 +97,3 @@ class Preprocessor:
         if self.cfg.resize_mode == "stretch":
             return 0, 0, size, size
         return letterbox_box(height, width, size)
-
-
-def to_model_input(
-    batch_uint8: torch.Tensor | np.ndarray,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """(B, 1, H, W) uint8 -> (B, 3, H, W) normalised float on `device`.
-
-    The uint8 payload travels (4x smaller than float32 x 3 channels); the cast, the channel
-    repeat and the backbone's own mean/std happen on the model's device.
-    """
-    x = torch.as_tensor(batch_uint8)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected uint8 (B, 1, H, W), got {tuple(x.shape)} {x.dtype}")
-    x = x.to(device=device, non_blocking=True).to(dtype).div_(255.0).expand(-1, 3, -1, -1)
-    mean_t = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean_t) / std_t
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

@@ -16,8 +16,8 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from orthovision.config import BackboneConfig, ModelConfig
-from orthovision.imaging.preprocess import to_model_input
 from orthovision.model.fusion import fuse_logits, fusion_weights_from_params
+from orthovision.model.tensors import to_model_input
 
 IMAGENET_CLASSES = 1000
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"

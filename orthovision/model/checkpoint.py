@@ -7,7 +7,6 @@ used: a replica must refuse a checkpoint trained with different pixels.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,15 +21,16 @@ from safetensors.torch import save_file
 
 from orthovision.config import OrthoVisionConfig, PreprocessConfig
 from orthovision.model.backbones import Ensemble
+from orthovision.model.card import (
+    CARD_FILE,
+    CARD_FORMAT,
+    WEIGHTS_FILE,
+    CheckpointError,
+    read_card,
+    sha256_hex,
+)
 
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "model_card.json"
-CARD_FORMAT = 1
 _FP16_MAX = torch.finfo(torch.float16).max
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing, tampered with, or does not fit this code or this replica."""
 
 
 @dataclass
@@ -53,10 +53,6 @@ def _storage_tensor(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.abs().max() <= _FP16_MAX:  # never store an overflow as inf
             return tensor.to(torch.float16)
     return tensor
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def save_checkpoint(
@@ -110,7 +106,7 @@ def save_checkpoint(
         "metrics": metrics or {},
         "trained": trained,
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256(weights_path.read_bytes()),
+        "weights_sha256": sha256_hex(weights_path.read_bytes()),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
@@ -125,68 +121,6 @@ def as_stored(model: Ensemble) -> Ensemble:
     state = {k: _storage_tensor(v) for k, v in stored.state_dict().items()}
     stored.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return stored.eval()
-
-
-def branch_names(card: dict) -> list[str]:
-    """The branch (backbone) names a checkpoint carries, in fusion order."""
-    return [b["name"] for b in card["config"]["model"]["backbones"]]
-
-
-def read_card(path: Path | str) -> dict:
-    """The model card of a checkpoint folder (no weights loaded)."""
-    card_path = Path(path) / CARD_FILE
-    if not card_path.is_file():
-        raise CheckpointError(f"checkpoint card not found: {card_path}")
-    try:
-        card = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"unreadable model card {card_path}: {exc}") from None
-    if not isinstance(card, dict):
-        raise CheckpointError(f"model card {card_path} is not a JSON object")
-    return card
-
-
-@dataclass
-class FusionHead:
-    """What the Fusion deployment needs of a checkpoint: no backbone weights."""
-
-    card: dict
-    fusion_weights: dict[str, float]
-    temperature: float
-
-
-def load_fusion_head(
-    path: Path | str, *, expected_preprocess: PreprocessConfig | None = None
-) -> FusionHead:
-    """The card, the fusion weights and the calibrated temperature, with the same checks as
-    `load_checkpoint` (weights sha256, preprocessing hash) but without building the
-    backbones: the Fusion replica holds a few numbers, not two CNNs."""
-    from safetensors import safe_open
-
-    from orthovision.model.fusion import fusion_weights_from_params
-
-    path = Path(path)
-    card = read_card(path)
-    weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise CheckpointError(f"checkpoint weights not found: {weights_path}")
-    if _sha256(weights_path.read_bytes()) != card.get("weights_sha256"):
-        raise CheckpointError("weights sha256 does not match the card's")
-    trained_hash = card.get("preprocess_sha256")
-    if expected_preprocess is not None and expected_preprocess.param_hash() != trained_hash:
-        raise CheckpointError(
-            f"checkpoint was trained with preprocessing {trained_hash} but this replica runs "
-            f"{expected_preprocess.param_hash()}"
-        )
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            params = f.get_tensor("fusion_params").float()
-            temperature = float(f.get_tensor("temperature"))
-    except (SafetensorError, KeyError) as exc:
-        raise CheckpointError(f"no fusion head in {weights_path}: {exc}") from None
-    names = branch_names(card)
-    weights = fusion_weights_from_params(params).tolist()
-    return FusionHead(card, dict(zip(names, weights, strict=True)), temperature)
 
 
 def load_checkpoint(
@@ -204,7 +138,7 @@ def load_checkpoint(
 
     # Hash and parse the same bytes, so the file cannot change between check and use.
     blob = weights_path.read_bytes()
-    actual_sha = _sha256(blob)
+    actual_sha = sha256_hex(blob)
     if actual_sha != card.get("weights_sha256"):
         raise CheckpointError(
             f"weights sha256 {actual_sha} does not match the card's "

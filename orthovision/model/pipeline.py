@@ -1,18 +1,17 @@
 """The road of one image, as plain functions: bytes -> Prepared (CPU stage) -> Prediction.
 
 Serve's deployments call the same functions stage by stage; the CLI and the naive
-benchmark baseline run them in one process through LocalPredictor.
+benchmark baseline run them in one process through LocalPredictor (model/local.py).
+Torch-free: the ingress, Preprocessor and Fusion replicas import it, and never torch.
 """
 
 from __future__ import annotations
 
 import math
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 
 from orthovision.config import FusionConfig, OrthoVisionConfig
 from orthovision.errors import InputError
@@ -20,9 +19,8 @@ from orthovision.imaging.decode import decode_radiograph
 from orthovision.imaging.pixels import DecodedImage
 from orthovision.imaging.preprocess import Preprocessor
 from orthovision.imaging.quality import assess_quality
-from orthovision.model.checkpoint import Checkpoint
-from orthovision.model.fusion import Decision, decide, fuse_logits
-from orthovision.safety.ood import branch_features, load_for_checkpoint
+from orthovision.model.decision import Decision, decide
+from orthovision.model.probabilities import fused_probabilities, softmax
 from orthovision.safety.scope import out_of_scope
 from orthovision.schema import Prediction
 
@@ -180,7 +178,7 @@ def safety_gate(
 def assemble_prediction(
     request_id: str,
     prepared: Prepared,
-    branch_logits: Mapping[str, torch.Tensor | np.ndarray],
+    branch_logits: Mapping[str, np.ndarray],
     fusion_weights: Mapping[str, float],
     temperature: float,
     card: Mapping,
@@ -191,15 +189,12 @@ def assemble_prediction(
     """Fuse one image's branch logits (C,) into the v1 result, applying the decision rule
     and the safety gate (scope from the header, OOD score from the features)."""
     classes = list(card["classes"])
-    names = list(branch_logits)
-    logits = [
-        torch.as_tensor(np.asarray(branch_logits[n]), dtype=torch.float32)[None] for n in names
-    ]
-    weights = torch.tensor([fusion_weights[n] for n in names])
-    fused = fuse_logits(logits, weights, temperature)[0].tolist()
+    logits = {n: np.asarray(lg, dtype=np.float32)[None] for n, lg in branch_logits.items()}
+    weights = [fusion_weights[n] for n in logits]
+    fused = fused_probabilities(logits, weights, temperature)[0].tolist()
     branches = {
-        n: dict(zip(classes, torch.softmax(lg[0] / temperature, -1).tolist(), strict=True))
-        for n, lg in zip(names, logits, strict=True)
+        n: dict(zip(classes, softmax(lg, temperature)[0].tolist(), strict=True))
+        for n, lg in logits.items()
     }
     validated = list(card.get("validated_classes", []))
     operating_point = card.get("operating_point")
@@ -223,47 +218,3 @@ def assemble_prediction(
         explanation_url=explanation_url,
         study_instance_uid=(prepared.dicom_source or {}).get("StudyInstanceUID") or None,
     )
-
-
-class LocalPredictor:
-    """Single-process inference with a loaded checkpoint (CLI, notebooks, the naive baseline)."""
-
-    def __init__(self, checkpoint: Checkpoint, fusion_cfg: FusionConfig | None = None) -> None:
-        self.checkpoint = checkpoint
-        self.cfg = checkpoint.config
-        self.fusion_cfg = fusion_cfg or self.cfg.fusion
-        self.preprocessor = Preprocessor(self.cfg.preprocess)
-        self.model = checkpoint.model.eval()
-        self.ood = load_for_checkpoint(checkpoint.path, checkpoint.card)
-
-    @property
-    def temperature(self) -> float:
-        return self.fusion_cfg.temperature or float(self.model.temperature)
-
-    def prepare(self, data: bytes) -> Prepared:
-        return prepare(data, self.cfg, self.preprocessor)
-
-    @torch.inference_mode()
-    def predict_prepared(self, prepared: Prepared, request_id: str | None = None) -> Prediction:
-        x = torch.from_numpy(prepared.pixels)[None]
-        names = list(self.model.branch_names)
-        features, logits = {}, {}
-        for n in names:
-            feats, lg = branch_features(self.model.branches[n], self.model.branch_input(n, x))
-            features[n], logits[n] = feats.float().numpy(), lg[0]
-        ood_score = float(self.ood.score(features)[0]) if self.ood is not None else None
-        weights = self.model.fusion_weights.tolist()
-        return assemble_prediction(
-            request_id or uuid.uuid4().hex,
-            prepared,
-            logits,
-            dict(zip(names, weights, strict=True)),
-            self.temperature,
-            self.checkpoint.card,
-            self.fusion_cfg,
-            ood_score=ood_score,
-        )
-
-    def predict(self, data: bytes, request_id: str | None = None) -> tuple[Prediction, Prepared]:
-        prepared = self.prepare(data)
-        return self.predict_prepared(prepared, request_id), prepared

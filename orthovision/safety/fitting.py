@@ -221,7 +221,8 @@ def fit_checkpoint_ood(
     import json
 
     from orthovision.evaluation.run import split_samples
-    from orthovision.model.checkpoint import CARD_FILE, load_checkpoint
+    from orthovision.model.card import CARD_FILE
+    from orthovision.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     classes = list(ckpt.config.model.classes)
@@ -239,7 +240,7 @@ def drift_baseline(probs: np.ndarray, ood_scores: np.ndarray, card: dict) -> dic
     """What production should look like, from the validation split through the serving
     decision rule: label mix (with 'abstained'), abstention rate (all and by OOD), mean top
     probability, OOD score quantiles. The drift alerts compare live rates with these."""
-    from orthovision.model.fusion import decide
+    from orthovision.model.decision import decide
 
     classes = list(card["classes"])
     validated = card.get("validated_classes", [])

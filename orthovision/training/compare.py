@@ -13,7 +13,7 @@ from pathlib import Path
 from orthovision.config import OrthoVisionConfig
 from orthovision.datasets.loading import PreparedData, prepare_data
 from orthovision.model.backbones import build_ensemble
-from orthovision.model.checkpoint import CARD_FILE
+from orthovision.model.card import CARD_FILE
 from orthovision.training.loop import copy_config, train
 
 log = logging.getLogger(__name__)

@@ -350,7 +350,7 @@ def dashboard_text(cfg: OrthoVisionConfig) -> str:
 
 def served_drift_baseline(cfg: OrthoVisionConfig) -> dict | None:
     """The drift baseline of the checkpoint the config serves (None: none recorded)."""
-    from orthovision.model.checkpoint import CheckpointError, read_card
+    from orthovision.model.card import CheckpointError, read_card
 
     try:
         return read_card(project_path(cfg.serve.checkpoint)).get("drift_baseline")

@@ -24,7 +24,7 @@ MODEL_NODE_RESOURCE = "orthovision_model_node"
 def served_branches(cfg: OrthoVisionConfig) -> list[str]:
     """Branch names of the checkpoint the config serves (its card in this checkout), else
     the config's own backbones: deployment names and alerts follow what is served."""
-    from orthovision.model.checkpoint import CheckpointError, branch_names, read_card
+    from orthovision.model.card import CheckpointError, branch_names, read_card
 
     try:
         return branch_names(read_card(project_path(cfg.serve.checkpoint)))
@@ -92,7 +92,7 @@ def deployments(cfg: OrthoVisionConfig) -> list[dict]:
 def served_model(cfg: OrthoVisionConfig) -> dict:
     """The model section as served: the checkpoint's own (its card in this checkout), so a
     rendered file never describes a model that is not the one running."""
-    from orthovision.model.checkpoint import CheckpointError, read_card
+    from orthovision.model.card import CheckpointError, read_card
 
     try:
         return read_card(project_path(cfg.serve.checkpoint))["config"]["model"]

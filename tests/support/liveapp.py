@@ -55,8 +55,9 @@ def add_ood_detector(ckpt_dir: Path, threshold: float) -> None:
     import numpy as np
 
     from orthovision.evaluation.run import branch_outputs
-    from orthovision.model.checkpoint import CARD_FILE, load_checkpoint
-    from orthovision.model.pipeline import LocalPredictor
+    from orthovision.model.card import CARD_FILE
+    from orthovision.model.checkpoint import load_checkpoint
+    from orthovision.model.local import LocalPredictor
     from orthovision.safety.ood import OODDetector
 
     local = LocalPredictor(load_checkpoint(ckpt_dir))

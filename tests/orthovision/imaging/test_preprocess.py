@@ -3,14 +3,8 @@ import pytest
 import torch
 
 from orthovision.config import PreprocessConfig
-from orthovision.imaging.preprocess import (
-    Preprocessor,
-    clahe,
-    fit_within,
-    pad_center,
-    to_model_input,
-    to_uint8,
-)
+from orthovision.imaging.preprocess import Preprocessor, clahe, fit_within, pad_center, to_uint8
+from orthovision.model.tensors import to_model_input
 from orthovision.training.augment import train_augmentation
 
 

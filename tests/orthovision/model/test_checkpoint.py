@@ -12,13 +12,8 @@ from safetensors import safe_open
 
 from orthovision.config import BackboneConfig, ModelConfig, OrthoVisionConfig, PreprocessConfig
 from orthovision.model.backbones import Ensemble, build_ensemble
-from orthovision.model.checkpoint import (
-    CARD_FILE,
-    WEIGHTS_FILE,
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-)
+from orthovision.model.card import CARD_FILE, WEIGHTS_FILE, CheckpointError
+from orthovision.model.checkpoint import load_checkpoint, save_checkpoint
 
 
 def tiny_config(pretrained: str = "none") -> OrthoVisionConfig:
@@ -211,7 +206,8 @@ def test_save_refuses_inconsistent_card(tmp_path, kwargs, match):
 def test_fusion_head_matches_the_full_checkpoint_and_checks_the_hash(tmp_path):
     from support.checkpoints import save_tiny_checkpoint
 
-    from orthovision.model.checkpoint import CheckpointError, load_checkpoint, load_fusion_head
+    from orthovision.model.card import CheckpointError, load_fusion_head
+    from orthovision.model.checkpoint import load_checkpoint
 
     path = save_tiny_checkpoint(tmp_path / "ckpt")
     head, full = load_fusion_head(path), load_checkpoint(path)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from orthovision.labels import CLASSES
-from orthovision.model.fusion import decide, fuse_logits, fusion_weights_from_params
+from orthovision.model.decision import decide
+from orthovision.model.fusion import fuse_logits, fusion_weights_from_params
 
 VALIDATED = ("fracture", "non-affected")
 

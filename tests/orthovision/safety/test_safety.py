@@ -13,7 +13,7 @@ from support.images import make_dicom, make_png, radiograph
 from support.liveapp import add_ood_detector
 
 from orthovision.model.checkpoint import load_checkpoint
-from orthovision.model.pipeline import LocalPredictor
+from orthovision.model.local import LocalPredictor
 from orthovision.safety.ood import OODDetector
 from orthovision.safety.scope import out_of_scope
 

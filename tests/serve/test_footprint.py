@@ -1,0 +1,56 @@
+"""Only the model replicas carry torch: the ingress, Preprocessor and Fusion run on numpy
+and OpenCV, so the CPU-side pool is small (issue 19: a torch import is ~0.3-0.5 GiB per
+process)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+CPU_SIDE = ("serve.ingress", "serve.preprocessor", "serve.fusion")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imports_torch(module: str) -> bool:
+    code = f"import sys, {module}; print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("module", CPU_SIDE)
+def test_cpu_side_deployment_modules_never_import_torch(module):
+    assert not imports_torch(module)
+
+
+def test_the_check_sees_torch_where_it_is():
+    assert imports_torch("serve.backbone")
+
+
+def replica_processes(deployment: str) -> list[psutil.Process]:
+    """Ray names each replica's worker process `ray::ServeReplica:<app>:<deployment>`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if f"ServeReplica:orthovision:{deployment}" in cmdline:
+            found.append(proc)
+    return found
+
+
+def maps_torch(proc: psutil.Process) -> bool:
+    return "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+
+@pytest.mark.serve
+def test_live_cpu_side_replicas_have_no_torch_mapped(live_app):
+    for deployment in ("Ingress", "Preprocessor", "Fusion"):
+        procs = replica_processes(deployment)
+        assert procs, f"no {deployment} replica process found"
+        assert not any(maps_torch(p) for p in procs), deployment
+    backbones = replica_processes("Backbone_")
+    assert backbones and all(maps_torch(p) for p in backbones)
