@@ -87,7 +87,7 @@ def main() -> None:
                 ref_logits[name].append(model.branch_forward(name, x))
                 mean, std = model._norm_values[name]
                 cand_logits[name].append(
-                    torch.from_numpy(candidates[name](to_model_input(x, mean, std)))
+                    torch.from_numpy(candidates[name](to_model_input(x, mean, std))[1])
                 )
         ref = {n: torch.cat(v) for n, v in ref_logits.items()}
         cand = {n: torch.cat(v) for n, v in cand_logits.items()}

@@ -163,6 +163,27 @@ def cmd_fit_ood(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_guard_batch(args: argparse.Namespace) -> int:
+    """The checkpoint's guard batch (onnx_backend.GUARD_FILE): preprocessed validation
+    images, one per near-duplicate group, on which every ONNX replica is checked at start."""
+    import numpy as np
+
+    from orthovision.evaluation.run import split_samples
+    from orthovision.model.checkpoint import load_checkpoint
+    from orthovision.model.onnx_backend import GUARD_FILE
+
+    ckpt = load_checkpoint(args.checkpoint)
+    kept, pixels, _ = split_samples(ckpt, args.data, "val")
+    per_group: dict[str, int] = {}
+    for i in sorted(range(len(kept)), key=lambda i: kept[i].sha256):
+        per_group.setdefault(kept[i].group, i)
+    chosen = sorted(per_group.values(), key=lambda i: kept[i].sha256)[: args.n]
+    path = Path(args.checkpoint) / GUARD_FILE
+    np.savez_compressed(path, pixels=pixels[chosen])
+    write_line(f"wrote {path}: {len(chosen)} validation images, one per group")
+    return EXIT_OK
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from orthovision.training.compare import PAPER_BACKBONES, compare_backbones
     from orthovision.training.table import comparison_table
@@ -273,6 +294,15 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="the dataset it was trained on")
     p.set_defaults(func=cmd_fit_ood)
+
+    p = sub.add_parser(
+        "guard-batch",
+        help="write the validation images an ONNX Runtime replica is checked on at start",
+    )
+    p.add_argument("--checkpoint", type=Path, default=checkpoint_dir())
+    p.add_argument("--data", type=Path, required=True, help="the dataset it was trained on")
+    p.add_argument("--n", type=int, default=8, help="images (one per group)")
+    p.set_defaults(func=cmd_guard_batch)
 
     p = sub.add_parser("evaluate", help="metrics, plots and report of a checkpoint on a dataset")
     p.add_argument("--checkpoint", type=Path, default=checkpoint_dir())

@@ -212,9 +212,10 @@ class ServeConfig(_Strict):
     body_timeout_s: float = Field(30.0, gt=0)
     explanation_timeout_s: float = Field(120.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Backbone engine on CPU replicas: eager torch (channels_last, inference mode) or ONNX
-    # Runtime (exported from the checkpoint; agreement with fp32 in docs/PERFORMANCE.md).
-    cpu_backend: Literal["torch", "onnx"] = "torch"
+    # Backbone engine on CPU replicas: ONNX Runtime (exported from the checkpoint, checked
+    # against torch at every replica start; docs/PERFORMANCE.md) or eager torch
+    # (channels_last, inference mode), which also serves when the check fails.
+    cpu_backend: Literal["torch", "onnx"] = "onnx"
     security: SecurityConfig = SecurityConfig()
     retention: RetentionConfig = RetentionConfig()
     batch: BatchConfig = BatchConfig()

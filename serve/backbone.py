@@ -44,33 +44,64 @@ class Backbone:
         self.mean, self.std = norm.mean.tolist(), norm.std.tolist()
         self.size = cfg.preprocess.image_size
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.backend = "torch"
-        self.onnx = None
-        if self.device.type == "cpu" and cfg.serve.cpu_backend == "onnx":
-            from orthovision.model.onnx_backend import OnnxBranch
-
-            self.onnx = OnnxBranch(
-                ckpt.model.branches[branch],
-                weights_sha256=ckpt.card["weights_sha256"],
-                branch=branch,
-                image_size=self.size,
-                threads=threads,
-            )
-            self.backend = "onnx"
-        # NHWC: the layout oneDNN and cuDNN run convolutions in fastest (ORT takes NCHW).
-        self.channels_last = self.onnx is None
-        self.model = None
-        if self.onnx is None:
-            model = ckpt.model.branches[branch].to(self.device, self.dtype)
-            self.model = model.to(memory_format=torch.channels_last).eval()
+        self.channels_last = True  # NHWC: oneDNN and cuDNN run convolutions fastest in it
+        self.model = ckpt.model.branches[branch].to(self.device, self.dtype)
+        self.model = self.model.to(memory_format=torch.channels_last).eval()
         # This branch's part of the OOD detector (the Fusion adds the branches' scores).
         detector = load_for_checkpoint(checkpoint_path(cfg), ckpt.card, [branch])
         self.ood = detector.branches[branch] if detector is not None else None
+        self.onnx = None
+        if self.device.type == "cpu" and cfg.serve.cpu_backend == "onnx":
+            self.onnx = self._onnx_if_it_agrees(ckpt, cfg, threads)
+        if self.onnx is not None:
+            self.model, self.channels_last = None, False  # ORT takes NCHW
+        self.backend = "torch" if self.onnx is None else "onnx"
         del ckpt  # the other branch and the fusion weights are not this replica's
         self.forwards = forward_thread(niceness, f"forward-{branch}")
         self.reconfigure(cfg.serve.batch.model_dump())
         self.forwards.submit(self._warm_up, cfg.serve.batch.max_batch_size).result()
         self.ready_since = time.time()
+
+    def _onnx_if_it_agrees(self, ckpt, cfg, threads: int):
+        """The ONNX Runtime engine, if on the checkpoint's guard batch it gives the same top-1
+        and probabilities within GUARD_MAX_PROB_DIFF of torch's; else None (serve torch)."""
+        from orthovision.model.onnx_backend import (
+            GUARD_MAX_PROB_DIFF,
+            OnnxBranch,
+            agreement,
+            guard_batch,
+        )
+
+        try:
+            onnx = OnnxBranch(
+                ckpt.model.branches[self.branch],
+                weights_sha256=ckpt.card["weights_sha256"],
+                branch=self.branch,
+                image_size=self.size,
+                threads=threads,
+            )
+            batch = guard_batch(checkpoint_path(cfg), self.size)
+            torch_rows = self._infer(batch)
+            self.onnx = onnx
+            onnx_rows = self._infer(batch)
+        except Exception as exc:  # an export or runtime fault: torch still serves
+            log.warning("ONNX Runtime unavailable for %s (%s): serving torch", self.branch, exc)
+            return None
+        finally:
+            self.onnx = None
+        same_top1, diff = agreement(torch_rows[:, :-1], onnx_rows[:, :-1])
+        scores_agree = np.allclose(torch_rows[:, -1], onnx_rows[:, -1], rtol=1e-3, equal_nan=True)
+        if not (same_top1 and diff <= GUARD_MAX_PROB_DIFF and scores_agree):
+            log.warning(
+                "ONNX Runtime disagrees with torch for %s (top-1 same: %s, max probability "
+                "difference %.2g, OOD scores agree: %s): serving torch",
+                self.branch,
+                same_top1,
+                diff,
+                scores_agree,
+            )
+            return None
+        return onnx
 
     def reconfigure(self, user_config: dict) -> None:
         """Batch knobs from user_config, applied without a restart."""
@@ -87,8 +118,7 @@ class Backbone:
 
     @torch.inference_mode()
     def _infer(self, batch_uint8: np.ndarray) -> np.ndarray:
-        """(N, C + 1): the C logits, then this branch's OOD score (NaN without a detector or
-        on the ONNX engine, which exports logits only)."""
+        """(N, C + 1): the C logits, then this branch's OOD score (NaN without a detector)."""
         x = to_model_input(
             torch.from_numpy(batch_uint8),
             self.mean,
@@ -98,10 +128,10 @@ class Backbone:
             channels_last=self.channels_last,
         )
         if self.onnx is not None:
-            logits = self.onnx(x)
-            return np.concatenate([logits, np.full((len(logits), 1), np.nan, np.float32)], 1)
-        feats, logits = branch_features(self.model, x)
-        feats, logits = feats.float().cpu().numpy(), logits.float().cpu().numpy()
+            feats, logits = self.onnx(x)
+        else:
+            feats, logits = branch_features(self.model, x)
+            feats, logits = feats.float().cpu().numpy(), logits.float().cpu().numpy()
         score = self.ood.score(feats) if self.ood is not None else np.full(len(feats), np.nan)
         return np.concatenate([logits, score[:, None].astype(np.float32)], 1)
 
