@@ -4,7 +4,8 @@
 In one run, on the same images and the same machine:
 1. compute limit: both backbones, model only, best layout and batch size, no I/O;
 2. naive server: one uvicorn/FastAPI process (full decode, full-size CLAHE, batch 1);
-3. OrthoVision Serve: /v1/predict at concurrency 1, 8 and 32, /v1/predict/batch, full-size
+3. OrthoVision Serve: /v1/predict at concurrency 1, 8, 32 and 64 (clients honour
+   Retry-After), at 32 again with clients that retry at once, /v1/predict/batch, full-size
    radiographs at concurrency 8, and latency under Poisson load at half the maximum rate;
 then the ratios. Every server is started and stopped here (nothing is left running).
 The last stdout line is `RESULT {json}`; docs/PERFORMANCE.md documents every key.
@@ -183,6 +184,20 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
             row["pss_end_mb"] = server.memory.pss_now_mb()
             out["predict"][str(c)] = row
             log(f"serve /v1/predict c={c}: {row}")
+        if args.impatient_concurrency:
+            c = args.impatient_concurrency
+            row = closed_loop(
+                url,
+                "/v1/predict",
+                jpeg,
+                c,
+                duration_s,
+                args.warmup_s,
+                honour_retry_after=False,
+                **probe,
+            )
+            out["impatient"] = {str(c): row}
+            log(f"serve /v1/predict c={c}, clients ignoring Retry-After: {row}")
         per_request = min(cfg.serve.max_batch_items, args.batch_items)
         server.memory.reset_peak()
         row = closed_loop(
@@ -218,6 +233,10 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
     return out
 
 
+def _get(rows: dict, key: str, field: str):
+    return rows.get(key, {}).get(field)
+
+
 def _rows(serve: dict):
     for key in ("predict", "fullsize"):
         yield from serve[key].values()
@@ -233,7 +252,13 @@ def main() -> None:
     parser.add_argument("--cpu-backend", choices=["torch", "onnx"], help="override the config's")
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--naive-port", type=int, default=8011)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument(
+        "--impatient-concurrency",
+        type=int,
+        default=32,
+        help="one more /v1/predict point whose clients ignore Retry-After (0: skip)",
+    )
     parser.add_argument("--batch-items", type=int, default=32)
     parser.add_argument("--batch-concurrency", type=int, default=2)
     parser.add_argument("--duration-s", type=float, help="seconds per load point")
@@ -302,6 +327,14 @@ def main() -> None:
         "batch_over_compute_limit": ratio(serve["batch"]["img_per_s"], lim),
         "predict_c8_over_compute_limit": ratio(pred.get("8", {}).get("img_per_s"), lim),
         "predict_c32_over_compute_limit": ratio(pred.get("32", {}).get("img_per_s"), lim),
+        # Overload: goodput (accepted images/s) and accepted p99 against c=8.
+        "goodput_c32_over_c8": ratio(_get(pred, "32", "img_per_s"), _get(pred, "8", "img_per_s")),
+        "goodput_c64_over_c8": ratio(_get(pred, "64", "img_per_s"), _get(pred, "8", "img_per_s")),
+        "p99_c32_over_c8": ratio(_get(pred, "32", "p99_ms"), _get(pred, "8", "p99_ms")),
+        "goodput_c32_impatient_over_c8": ratio(
+            _get(serve.get("impatient", {}), str(args.impatient_concurrency), "img_per_s"),
+            _get(pred, "8", "img_per_s"),
+        ),
         "half_load_p99_over_p50": serve["half_load"]["p99_over_p50"],
         # The same ratios in images per CPU-second of the server's own processes: what the
         # service costs per image against the bare models, whatever else runs on the box.

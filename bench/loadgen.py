@@ -5,6 +5,11 @@ Plain `http.client` with one keep-alive connection per worker thread: the lighte
 client, because on a 2-core machine the client shares the CPUs with the server it measures.
 Open-loop latency runs from the scheduled arrival, not the send, so a stalled server cannot
 hide its queueing (no coordinated omission).
+
+A closed-loop worker answered 503 with Retry-After waits that long before its next request,
+as HTTP clients (and `orthovision bulk`) do; `honour_retry_after=False` models clients that
+retry at once, the worst case for the server's rejection cost. Rejections are counted apart
+from errors; latency percentiles are of accepted (200) requests only.
 """
 
 from __future__ import annotations
@@ -33,23 +38,26 @@ class Run:
     images: int = 0
     requests: int = 0
     errors: int = 0
+    rejected: int = 0  # 503s: the service shed the request (a subset of errors)
     wall_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, ms: float, images: int, ok: bool) -> None:
+    def add(self, ms: float, images: int, status: int) -> None:
         with self.lock:
             self.requests += 1
-            if ok:
+            if status == 200:
                 self.latencies_ms.append(ms)
                 self.images += images
             else:
                 self.errors += 1
+                self.rejected += status == 503
 
     def summary(self) -> dict:
         lat = sorted(self.latencies_ms)
         return {
             "requests": self.requests,
             "errors": self.errors,
+            "rejected": self.rejected,
             "img_per_s": round(self.images / self.wall_s, 2) if self.wall_s else 0.0,
             "req_per_s": round(len(lat) / self.wall_s, 2) if self.wall_s else 0.0,
             "p50_ms": round(statistics.median(lat), 1) if lat else None,
@@ -80,20 +88,28 @@ class _Client:
             self.local.conn = conn
         return conn
 
-    def post(self, path: str, body: Body) -> int:
+    def post(self, path: str, body: Body) -> tuple[int, float]:
+        """(status, Retry-After seconds or 0); 599 when the connection failed twice."""
         for attempt in (1, 2):
             conn = self._conn()
             try:
                 conn.request("POST", path, body.data, {"Content-Type": body.content_type})
                 resp = conn.getresponse()
                 resp.read()
-                return resp.status
+                return resp.status, _seconds(resp.getheader("Retry-After"))
             except (http.client.HTTPException, OSError):
                 conn.close()
                 self.local.conn = None
                 if attempt == 2:
-                    return 599
-        return 599
+                    return 599, 0.0
+        return 599, 0.0
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def closed_loop(
@@ -106,6 +122,7 @@ def closed_loop(
     max_requests: int | None = None,
     timeout_s: float = 120.0,
     cpu_probe: Callable[[], float] | None = None,
+    honour_retry_after: bool = True,
 ) -> dict:
     """`concurrency` workers each send the next body as soon as the last answer came back.
 
@@ -127,10 +144,12 @@ def closed_loop(
                 return
             body = bodies[i % len(bodies)]
             t0 = time.perf_counter()
-            status = client.post(path, body)
+            status, retry_after = client.post(path, body)
             t1 = time.perf_counter()
             if t0 >= start:  # requests sent during warm-up are not counted
-                run.add((t1 - t0) * 1000, body.images, status == 200)
+                run.add((t1 - t0) * 1000, body.images, status)
+            if honour_retry_after and status == 503 and retry_after:
+                time.sleep(min(retry_after, max(0.0, stop - time.perf_counter())))
 
     cpu_at_start: list[float] = []
     timer = None
@@ -176,8 +195,8 @@ def open_loop(
 
     def send(args: tuple[float, Body]) -> None:
         due, body = args
-        status = client.post(path, body)
-        run.add((time.perf_counter() - due) * 1000, body.images, status == 200)
+        status, _ = client.post(path, body)
+        run.add((time.perf_counter() - due) * 1000, body.images, status)
 
     start = time.perf_counter() + 0.5
     with ThreadPoolExecutor(max_in_flight) as pool:

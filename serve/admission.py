@@ -6,6 +6,10 @@ Two bounds, both answered at once with a JSON 503 + Retry-After (never a queue):
 - compute slots (`admission_max_inflight`), taken only once the body has arrived, shared
   fairly: with n tenants active, each may hold limit // n, and a lone tenant never takes
   the last slot, so a newcomer is always admitted.
+
+Under overload most requests are rejected, so a rejection must cost next to nothing:
+`would_admit` is asked before the body is read (a refused upload is never received or
+parsed) and every decision is O(1) (running totals, no scan over tenants).
 """
 
 from __future__ import annotations
@@ -23,20 +27,21 @@ class Admission:
     def __init__(self, max_inflight: int, max_uploads_per_tenant: int) -> None:
         self.max_inflight = max_inflight
         self.max_uploads = max_uploads_per_tenant
-        self.inflight: Counter[str] = Counter()
+        self.inflight: Counter[str] = Counter()  # only tenants holding slots (see _held)
         self.uploads: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self.inflight.values())
+        self.total = 0  # sum(self.inflight.values()), kept as it changes
 
     def share(self, tenant: str) -> int:
         """The slots `tenant` may hold now."""
-        active = len({t for t, n in self.inflight.items() if n > 0} | {tenant})
+        active = len(self.inflight) + (tenant not in self.inflight)
         cap = max(1, self.max_inflight // active)
         if active == 1 and self.max_inflight > 1:
             cap = self.max_inflight - 1  # keep one for whoever comes next
         return cap
+
+    def would_admit(self, tenant: str) -> bool:
+        """Whether `tenant` could take a slot now: the check before its body is read."""
+        return self.total < self.max_inflight and self.inflight[tenant] < self.share(tenant)
 
     @contextlib.asynccontextmanager
     async def upload(self, tenant: str) -> AsyncIterator[None]:
@@ -47,10 +52,14 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str) -> AsyncIterator[None]:
-        if self.total >= self.max_inflight or self.inflight[tenant] >= self.share(tenant):
+        if not self.would_admit(tenant):
             raise Overloaded()
-        async with self._held(self.inflight, tenant):
-            yield
+        self.total += 1
+        try:
+            async with self._held(self.inflight, tenant):
+                yield
+        finally:
+            self.total -= 1
 
     @staticmethod
     @contextlib.asynccontextmanager

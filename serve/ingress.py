@@ -132,10 +132,13 @@ class Ingress:
 
     @contextlib.asynccontextmanager
     async def admitted(self, tenant: str, read: Callable[[], Awaitable[bytes]]):
-        """Admission control (serve/admission.py): the body arrives under the tenant's upload
-        budget, then the request takes a compute slot of its tenant's fair share; beyond
+        """Admission control (serve/admission.py): a request that could not get a compute
+        slot now is refused before its body is read; the body arrives under the tenant's
+        upload budget, then the request takes a slot of its tenant's fair share; beyond
         either a JSON 503 with Retry-After at once. Yields what `read()` returned."""
         try:
+            if not self.admission.would_admit(tenant):
+                raise Overloaded()
             async with self.admission.upload(tenant):
                 body = await read()
             async with self.admission.slot(tenant):

@@ -56,3 +56,30 @@ def test_uploads_are_budgeted_per_tenant():
             await hold(stack, adm.slot("b"))
 
     asyncio.run(run())
+
+
+def test_would_admit_answers_before_the_body_and_matches_slot():
+    async def run():
+        adm = Admission(max_inflight=3, max_uploads_per_tenant=16)
+        async with contextlib.AsyncExitStack() as stack:
+            assert adm.would_admit("a")
+            await hold(stack, adm.slot("a"))
+            await hold(stack, adm.slot("a"))
+            assert not adm.would_admit("a")  # the last slot is kept for a newcomer
+            assert adm.would_admit("b")
+            await hold(stack, adm.slot("b"))
+            assert adm.total == 3 and not adm.would_admit("c")
+        assert adm.total == 0 and adm.would_admit("a")
+
+    asyncio.run(run())
+
+
+def test_a_failed_request_gives_its_slot_back():
+    async def run():
+        adm = Admission(max_inflight=1, max_uploads_per_tenant=16)
+        with pytest.raises(RuntimeError):
+            async with adm.slot("a"):
+                raise RuntimeError("downstream failure")
+        assert adm.total == 0 and not adm.inflight
+
+    asyncio.run(run())
