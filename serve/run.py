@@ -17,6 +17,7 @@ from orthovision.model.card import read_card
 from serve.app import AppArgs, build_app
 from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path
+from serve.shedding import proxy_environment
 
 log = logging.getLogger("orthovision.serve")
 READY_TIMEOUT_S = 120.0
@@ -34,6 +35,9 @@ def start(config_file: Path, num_cpus: int | None = None) -> str:
     # model; below the ready timeout that is a normal start, not a warning. (Read by the
     # Serve controller, which inherits this environment in local mode.)
     os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", str(int(READY_TIMEOUT_S)))
+    # The proxy sheds overload itself (serve/shedding.py); it inherits this environment too.
+    s = cfg.serve
+    os.environ.update(proxy_environment(s.proxy_max_inflight, s.security.header))
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,

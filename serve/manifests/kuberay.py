@@ -37,6 +37,7 @@ from serve.manifests.serve_config import (
     MODEL_NODE_RESOURCE,
     serve_config,
 )
+from serve.shedding import proxy_environment
 
 # Ray's fixed ports (ray_constants): GCS, dashboard, client, dashboard agent, metrics.
 GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT, METRICS_PORT = 6379, 8265, 10001, 52365, 8080
@@ -164,12 +165,15 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
         "readinessProbe": _exec_probe(f"{RAYLET_OK} && {serve_health}", failure_threshold=10),
         "livenessProbe": _exec_probe(RAYLET_OK, failure_threshold=120),
     }
+    # Every node runs a proxy (EveryNode), and every proxy sheds overload itself.
+    proxy = proxy_environment(cfg.serve.proxy_max_inflight, cfg.serve.security.header)
+    proxy_env = [{"name": k, "value": v} for k, v in proxy.items()]
     head = _container(
         "ray-head",
         spec,
         spec.head,
         head_ports,
-        env=[],
+        env=proxy_env,
         probes={
             "readinessProbe": _exec_probe(f"{RAYLET_OK} && {GCS_OK}", failure_threshold=10),
             "livenessProbe": _exec_probe(f"{RAYLET_OK} && {GCS_OK}", failure_threshold=120),
@@ -181,9 +185,11 @@ def rayservice(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict:
     patient_keys["valueFrom"]["secretKeyRef"]["optional"] = True
     secrets = [api_keys, redis_password, patient_keys]
     cpu_worker = _container(
-        "ray-worker", spec, spec.cpu_worker, worker_ports, secrets, worker_probes
+        "ray-worker", spec, spec.cpu_worker, worker_ports, proxy_env + secrets, worker_probes
     )
-    gpu_worker = _container("ray-worker", spec, spec.gpu_worker, worker_ports, [], worker_probes)
+    gpu_worker = _container(
+        "ray-worker", spec, spec.gpu_worker, worker_ports, proxy_env, worker_probes
+    )
     gpu_tolerations = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         # The toleration lets the pod onto GPU nodes; the selector keeps it off the others

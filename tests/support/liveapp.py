@@ -85,6 +85,7 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
     from orthovision.model.checkpoint import save_checkpoint
     from serve.app import AppArgs, build_app
     from serve.auth import hash_key
+    from serve.shedding import proxy_environment
 
     model_cfg = ModelConfig(
         backbones=(
@@ -128,6 +129,8 @@ def start_live_app(tmp: Path, ready_timeout_s: float = 180) -> LiveApp:
     add_ood_detector(tmp / "ckpt", threshold=1e9)  # scored end to end, never abstains
     # The local cluster's workers inherit the driver's environment (as pods get a Secret).
     os.environ[cfg.serve.security.patient_keys_env] = json.dumps(PATIENT_KEYS)
+    # The proxy sheds overload as under `orthovision serve` (serve/shedding.py).
+    os.environ.update(proxy_environment(cfg.serve.proxy_max_inflight, cfg.serve.security.header))
     ray.init(
         num_cpus=4,
         include_dashboard=False,
