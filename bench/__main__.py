@@ -249,7 +249,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="CUDA: the gpu preset, fp16 limit")
     parser.add_argument("--json", type=Path, help="also write the RESULT object here")
     parser.add_argument("--config", type=Path, help="Serve config file (default: local preset)")
-    parser.add_argument("--cpu-backend", choices=["torch", "onnx"], help="override the config's")
+    parser.add_argument(
+        "--cpu-backend", choices=["torch", "onnx", "onnx-int8"], help="override the config's"
+    )
     parser.add_argument("--port", type=int, default=8010)
     parser.add_argument("--naive-port", type=int, default=8011)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -304,7 +306,7 @@ def main() -> None:
     log(f"compute limit ({backend}): {limit}")
     other = None
     if not args.gpu and not args.quick:
-        alt = "onnx" if backend == "torch" else "torch"
+        alt = "torch" if backend.startswith("onnx") else "onnx"
         other = compute_limit(branches, alt, device, cpus, batches, point_s)
         log(f"compute limit ({alt}, for reference): {other}")
 

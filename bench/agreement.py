@@ -66,10 +66,10 @@ def main() -> None:
     pixels = [model_pixels(b, cfg, pre) for b in val_bytes + extra]
     x_all = torch.from_numpy(np.stack(pixels))
 
-    from orthovision.model.onnx_backend import OnnxBranch
+    from orthovision.model.onnx_export import exported_branch
 
     candidates = {
-        name: OnnxBranch(
+        name: exported_branch(
             model.branches[name],
             weights_sha256=ckpt.card["weights_sha256"],
             branch=name,

@@ -32,12 +32,23 @@ def make_runner(model, branch: str, backend: str, device: str, threads: int) -> 
     norm = model.norms[branch]
     mean, std = norm.mean.tolist(), norm.std.tolist()
     net = model.branches[branch].eval()
-    if backend == "onnx":
-        from orthovision.model.onnx_backend import OnnxBranch
+    if backend.startswith("onnx"):
+        from orthovision.model.onnx_export import exported_branch
+        from orthovision.model.quantize import int8_graph
 
+        graph = None
+        if backend == "onnx-int8":
+            graph = int8_graph(model._bench_path, branch, _sha(model))
+            if graph is None:
+                raise SystemExit(f"no int8 graph for {branch}: run python -m bench.int8 first")
         size = 224
-        onnx = OnnxBranch(
-            net, weights_sha256=_sha(model), branch=branch, image_size=size, threads=threads
+        onnx = exported_branch(
+            net,
+            weights_sha256=_sha(model),
+            branch=branch,
+            image_size=size,
+            threads=threads,
+            graph=graph,
         )
 
         def run(x):
@@ -72,6 +83,7 @@ def child(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.benchmark = True
     ckpt = load_checkpoint(checkpoint_path(config_from({})))
     ckpt.model._bench_sha = ckpt.card["weights_sha256"]
+    ckpt.model._bench_path = ckpt.path
     branches = args.branches.split(",")
     runners = [
         make_runner(ckpt.model, b, args.backend, args.device, args.threads) for b in branches
@@ -192,7 +204,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--branches", required=True)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "onnx-int8"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batches", type=int, nargs="+", default=[8])
     p.add_argument("--seconds", type=float, default=5.0)

@@ -213,9 +213,10 @@ class ServeConfig(_Strict):
     explanation_timeout_s: float = Field(120.0, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Backbone engine on CPU replicas: ONNX Runtime (exported from the checkpoint, checked
-    # against torch at every replica start; docs/PERFORMANCE.md) or eager torch
-    # (channels_last, inference mode), which also serves when the check fails.
-    cpu_backend: Literal["torch", "onnx"] = "onnx"
+    # against torch at every replica start; docs/PERFORMANCE.md), its int8 graphs made by
+    # `python -m bench.int8` (small clinics; falls back to "onnx" without them), or eager
+    # torch (channels_last, inference mode), which also serves when the check fails.
+    cpu_backend: Literal["torch", "onnx", "onnx-int8"] = "onnx"
     security: SecurityConfig = SecurityConfig()
     retention: RetentionConfig = RetentionConfig()
     batch: BatchConfig = BatchConfig()

@@ -8,12 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-import torch
 from ray import serve
 
-from orthovision.model.checkpoint import load_checkpoint
-from orthovision.model.device import resolve_device
-from orthovision.model.explain import explain, grey_png, heatmap_rgba_png, overlay_png
 from orthovision.model.pipeline import Prepared, PreparedBatch
 from serve.metrics import metrics
 from serve.runtime import (
@@ -27,6 +23,13 @@ from serve.store import LayerKind, open_store
 
 class Explainer:
     def __init__(self, config: dict) -> None:
+        # Imported here and in _explain, not at the top: the driver that builds the
+        # application imports this module, and only model replicas should load torch.
+        import torch
+
+        from orthovision.model.checkpoint import load_checkpoint
+        from orthovision.model.device import resolve_device
+
         self.cfg = config_from(config)
         self.device = resolve_device(self.cfg.serve.device)
         niceness = 0
@@ -45,6 +48,10 @@ class Explainer:
     def _explain(
         self, prepared: Prepared, target_class: int | None
     ) -> tuple[dict, bytes, dict[LayerKind, bytes]]:
+        import torch
+
+        from orthovision.model.explain import explain, grey_png, heatmap_rgba_png, overlay_png
+
         with torch.enable_grad():
             result = explain(
                 self.model, prepared.pixels, target_class, content_box=prepared.content_box
@@ -90,6 +97,6 @@ class Explainer:
         return "done"
 
 
-# Bound outside the class body so Ray pickles the class by reference (importable),
-# not by value: torch objects in a by-value closure are not picklable.
+# Bound outside the class body so Ray pickles the class by reference (importable), not by
+# value.
 ExplainerDeployment = serve.deployment(Explainer)

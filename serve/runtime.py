@@ -60,6 +60,12 @@ def forward_thread(niceness: int, name: str) -> ThreadPoolExecutor:
     )
 
 
+def may_use_cuda(device: str) -> bool:
+    """Whether a model replica may run on CUDA, decided without importing torch: asked for,
+    or "auto" on a machine with an NVIDIA driver (torch then makes the final choice)."""
+    return device == "cuda" or (device == "auto" and Path("/dev/nvidiactl").exists())
+
+
 def checkpoint_branches(cfg: OrthoVisionConfig) -> list[str]:
     """Branch names of the checkpoint that will be served (its card, not the serving config:
     a checkpoint may carry other backbones than today's defaults)."""

@@ -32,7 +32,7 @@ def branch_outputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(penultimate features (N, D), logits (N, C)) per branch for uint8 (N, 1, S, S)
     inputs, in one pass, model in eval mode."""
-    from orthovision.safety.ood import branch_features
+    from orthovision.model.backbones import branch_features
 
     was_training = model.training
     model.eval()

@@ -270,3 +270,13 @@ def create_backbones(cfg: ModelConfig) -> dict[str, nn.Module]:
 def build_ensemble(cfg: ModelConfig) -> Ensemble:
     """An ensemble with every backbone built by `create_backbone` (weights per `pretrained`)."""
     return Ensemble(cfg, create_backbones(cfg))
+
+
+def branch_features(branch: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled penultimate features (B, D), logits (B, C)) of a timm classifier in one pass.
+
+    timm's forward_head(pre_logits=True) stops after global pooling (dropout is off in eval),
+    so the classifier applied to the features gives exactly forward()'s logits.
+    """
+    feats = branch.forward_head(branch.forward_features(x), pre_logits=True)
+    return feats, branch.get_classifier()(feats)

@@ -56,12 +56,12 @@ class FusionHead:
     temperature: float
 
 
-def load_fusion_head(
-    path: Path | str, *, expected_preprocess: PreprocessConfig | None = None
-) -> FusionHead:
-    """The card, the fusion weights and the calibrated temperature, with the same checks as
-    `load_checkpoint` (weights sha256, preprocessing hash) but without building the
-    backbones: the Fusion replica holds a few numbers, not two CNNs."""
+def verified_tensors(
+    path: Path | str, keys: list[str], *, expected_preprocess: PreprocessConfig | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(card, the named tensors as numpy), with the same checks as `load_checkpoint`
+    (weights sha256, preprocessing hash) but without building any backbone: the Fusion
+    replica and an ONNX backbone replica need a few small tensors, not torch."""
     path = Path(path)
     card = read_card(path)
     weights_path = path / WEIGHTS_FILE
@@ -77,10 +77,19 @@ def load_fusion_head(
         )
     try:
         with safe_open(str(weights_path), framework="numpy") as f:
-            params = f.get_tensor("fusion_params").astype(np.float64)
-            temperature = float(f.get_tensor("temperature"))
+            return card, {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, KeyError) as exc:
-        raise CheckpointError(f"no fusion head in {weights_path}: {exc}") from None
+        raise CheckpointError(f"tensor missing from {weights_path}: {exc}") from None
+
+
+def load_fusion_head(
+    path: Path | str, *, expected_preprocess: PreprocessConfig | None = None
+) -> FusionHead:
+    """The card, the fusion weights and the calibrated temperature (verified_tensors)."""
+    card, t = verified_tensors(
+        path, ["fusion_params", "temperature"], expected_preprocess=expected_preprocess
+    )
     names = branch_names(card)
-    weights = softmax(params[None])[0].tolist()  # the Ensemble's softmax over its parameters
-    return FusionHead(card, dict(zip(names, weights, strict=True)), temperature)
+    # The Ensemble's softmax over its fusion parameters.
+    weights = softmax(t["fusion_params"].astype(np.float64)[None])[0].tolist()
+    return FusionHead(card, dict(zip(names, weights, strict=True)), float(t["temperature"]))

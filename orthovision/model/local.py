@@ -10,9 +10,10 @@ import torch
 
 from orthovision.config import FusionConfig
 from orthovision.imaging.preprocess import Preprocessor
+from orthovision.model.backbones import branch_features
 from orthovision.model.checkpoint import Checkpoint
 from orthovision.model.pipeline import Prepared, assemble_prediction, prepare
-from orthovision.safety.ood import branch_features, load_for_checkpoint
+from orthovision.safety.ood import load_for_checkpoint
 from orthovision.schema import Prediction
 
 

@@ -1,112 +1,89 @@
-"""ONNX Runtime CPU backend for one backbone (ServeConfig.cpu_backend = "onnx", the default).
+"""ONNX Runtime CPU engine for one backbone (ServeConfig.cpu_backend = "onnx", the default).
 
-The branch is exported from the loaded checkpoint itself (never a file from elsewhere) into a
-cache keyed by the weights' sha256, the branch and the torch/ORT versions, then run by an
-InferenceSession with its intra-op pool sized to the replica's CPUs. The graph returns the
-pooled features with the logits, so the OOD score is the same on both engines.
-Normalisation stays in torch (`to_model_input`) so both backends see exactly the same input.
-
-Trusted per replica, not once: `agrees_with_torch` runs both engines on the checkpoint's
-guard batch at start and the replica serves torch when they differ (docs/PERFORMANCE.md has
-the agreement on the shared images).
+Torch-free: a replica serving ONNX never imports torch (~0.7 GiB per process). The graph is
+exported from the checkpoint itself (never a file from elsewhere) by `model/onnx_export.py`
+in a short-lived child process, into a cache keyed by the weights' sha256, the branch and
+the torch/ORT versions; beside it the export writes a **reference**: a guard batch of uint8
+model inputs (the checkpoint's `guard_batch.npz`, else fixed phantoms) and torch's fp32
+features and logits for it. At start the replica runs the graph on that batch and serves it
+only if the top-1 is torch's and the probabilities are within GUARD_MAX_PROB_DIFF (features
+within 1e-3, so the OOD score is torch's too); otherwise it serves torch (model/engine.py).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import tempfile
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from orthovision.safety.ood import branch_features
+from orthovision.model.probabilities import softmax
 
-ONNX_OPSET = 17
+log = logging.getLogger("ray.serve")
+
 GRAPH_FORMAT = "features+logits"  # in the cache key: a graph of an older layout is not reused
 GUARD_FILE = "guard_batch.npz"  # uint8 (N, 1, S, S) model inputs shipped with a checkpoint
 GUARD_MAX_PROB_DIFF = 1e-3
+# int8 graphs are accepted offline (bench/int8.py); at start they must still give torch's
+# top-1 on the guard batch, with probabilities this close.
+GUARD_MAX_PROB_DIFF_INT8 = 0.05
+EXPORT_TIMEOUT_S = 300
 
 
 def onnx_cache_dir() -> Path:
     return Path(os.environ.get("ORTHOVISION_ONNX_CACHE", "~/.cache/orthovision/onnx")).expanduser()
 
 
-def _cache_key(weights_sha256: str, branch: str, image_size: int) -> str:
-    import onnxruntime
-
+def graph_paths(
+    weights_sha256: str, branch: str, image_size: int, cache_dir: Path | None = None
+) -> tuple[Path, Path]:
+    """(graph, reference) of a branch in the export cache."""
     raw = (
         f"{GRAPH_FORMAT}:{weights_sha256}:{branch}:{image_size}:"
-        f"{torch.__version__}:{onnxruntime.__version__}"
+        f"{metadata.version('torch')}:{metadata.version('onnxruntime')}"
     )
-    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+    stem = f"{branch}-{hashlib.sha256(raw.encode()).hexdigest()[:24]}"
+    folder = cache_dir or onnx_cache_dir()
+    return folder / f"{stem}.onnx", folder / f"{stem}.reference.npz"
 
 
-class _FeaturesAndLogits(nn.Module):
-    def __init__(self, branch: nn.Module) -> None:
-        super().__init__()
-        self.branch = branch
+def ensure_exported(
+    checkpoint: Path, branch: str, weights_sha256: str, image_size: int
+) -> tuple[Path, Path]:
+    """The cached graph and reference, exported first (in a child process) if missing."""
+    graph, reference = graph_paths(weights_sha256, branch, image_size)
+    if not (graph.is_file() and reference.is_file()):
+        cmd = [sys.executable, "-m", "orthovision.model.onnx_export"]
+        cmd += ["--checkpoint", str(checkpoint), "--branch", branch]
+        subprocess.run(cmd, check=True, timeout=EXPORT_TIMEOUT_S, capture_output=True)
+    return graph, reference
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return branch_features(self.branch, x)
 
-
-def export_branch(model: nn.Module, path: Path, image_size: int) -> Path:
-    """Export one backbone (float32, NCHW input, dynamic batch; outputs the pooled features
-    and the logits) to `path` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # eval() on the wrapper too: the exporter restores the mode of the module it was given,
-    # recursively, which would leave the branch in training mode.
-    model = _FeaturesAndLogits(model.float()).eval()
-    example = torch.zeros(1, 3, image_size, image_size)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.inference_mode(False), torch.no_grad():
-            # The TorchScript exporter: no onnxscript needed, stable for timm CNNs.
-            torch.onnx.export(
-                model,
-                (example,),
-                tmp,
-                input_names=["input"],
-                output_names=["features", "logits"],
-                dynamic_axes={
-                    "input": {0: "batch"},
-                    "features": {0: "batch"},
-                    "logits": {0: "batch"},
-                },
-                opset_version=ONNX_OPSET,
-                dynamo=False,
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def model_input(batch_uint8: np.ndarray, mean, std) -> np.ndarray:
+    """(B, 1, H, W) uint8 -> (B, 3, H, W) normalised float32: `tensors.to_model_input` in
+    numpy (the same arithmetic, in float32)."""
+    if batch_uint8.dtype != np.uint8 or batch_uint8.ndim != 4 or batch_uint8.shape[1] != 1:
+        raise ValueError(
+            f"expected uint8 (B, 1, H, W), got {batch_uint8.shape} {batch_uint8.dtype}"
+        )
+    x = batch_uint8.astype(np.float32) / np.float32(255.0)
+    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((np.repeat(x, 3, axis=1) - mean) / std)
 
 
 class OnnxBranch:
-    """Callable float32 (B, 3, S, S) tensor -> (features (B, D), logits (B, C)) numpy, on
-    ONNX Runtime CPU."""
+    """Callable float32 (B, 3, S, S) array (or CPU tensor) -> (features (B, D), logits
+    (B, C)) numpy, on ONNX Runtime CPU."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        weights_sha256: str,
-        branch: str,
-        image_size: int,
-        threads: int,
-        cache_dir: Path | None = None,
-    ) -> None:
+    def __init__(self, graph: Path, threads: int) -> None:
         import onnxruntime as ort
 
-        cache = cache_dir or onnx_cache_dir()
-        path = cache / f"{branch}-{_cache_key(weights_sha256, branch, image_size)}.onnx"
-        if not path.is_file():
-            export_branch(model, path, image_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, threads)
         opts.inter_op_num_threads = 1
@@ -114,13 +91,31 @@ class OnnxBranch:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Replicas share cores with other replicas: spinning threads would steal them.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.path = path
+        self.session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        self.path = Path(graph)
 
-    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = x.float().contiguous()  # ORT takes NCHW; channels_last is a torch-only layout
-        features, logits = self.session.run(["features", "logits"], {"input": x.numpy()})
+    def __call__(self, x) -> tuple[np.ndarray, np.ndarray]:
+        # NCHW float32 (a channels_last torch tensor becomes a contiguous copy here).
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        features, logits = self.session.run(["features", "logits"], {"input": x})
         return features, logits
+
+
+def check_against_reference(
+    branch: OnnxBranch, reference: Path, mean, std, max_prob_diff: float, features: bool
+) -> tuple[bool, str]:
+    """(passed, what was measured) for the graph on the reference's guard batch."""
+    with np.load(reference) as ref:
+        pixels, want_feats, want_logits = ref["pixels"], ref["features"], ref["logits"]
+    feats, logits = branch(model_input(pixels, mean, std))
+    same_top1, diff = agreement(want_logits, logits)
+    feats_close = bool(np.allclose(feats, want_feats, rtol=1e-3, atol=1e-4))
+    passed = same_top1 and diff <= max_prob_diff and (feats_close or not features)
+    summary = (
+        f"top-1 same: {same_top1}, max probability difference {diff:.2g}, "
+        f"features within 1e-3: {feats_close}"
+    )
+    return passed, summary
 
 
 def guard_batch(checkpoint: Path, image_size: int) -> np.ndarray:
@@ -153,10 +148,8 @@ def phantoms(image_size: int, n: int = 6) -> np.ndarray:
     return np.stack(out)[:, None]
 
 
-def agreement(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> tuple[bool, float]:
+def agreement(reference_logits: np.ndarray, logits: np.ndarray) -> tuple[bool, float]:
     """(same top-1 for every image, maximum absolute probability difference)."""
-    from orthovision.model.probabilities import softmax
-
-    same_top1 = bool((torch_logits.argmax(1) == onnx_logits.argmax(1)).all())
-    diff = float(np.abs(softmax(torch_logits) - softmax(onnx_logits)).max())
+    same_top1 = bool((reference_logits.argmax(1) == logits.argmax(1)).all())
+    diff = float(np.abs(softmax(reference_logits) - softmax(logits)).max())
     return same_top1, diff

@@ -11,6 +11,7 @@ film or a photograph from an unsure wrist, the features can (docs/SAFETY.md meas
 
 The detector lives beside the weights in `ood.safetensors` (sha256 in the card); its
 threshold is a quantile of the validation split's scores (`ood.threshold` in the card).
+Torch-free: the features come from the branches (model/backbones.py `branch_features`).
 """
 
 from __future__ import annotations
@@ -21,21 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 OOD_FILE = "ood.safetensors"
 METHOD = "mahalanobis-shared-covariance"
-
-
-def branch_features(branch: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled penultimate features (B, D), logits (B, C)) of a timm classifier in one pass.
-
-    timm's forward_head(pre_logits=True) stops after global pooling (dropout is off in eval),
-    so the classifier applied to the features gives exactly forward()'s logits.
-    """
-    feats = branch.forward_head(branch.forward_features(x), pre_logits=True)
-    return feats, branch.get_classifier()(feats)
 
 
 @dataclass

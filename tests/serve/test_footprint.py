@@ -1,6 +1,6 @@
-"""Only the model replicas carry torch: the ingress, Preprocessor and Fusion run on numpy
-and OpenCV, so the CPU-side pool is small (issue 19: a torch import is ~0.3-0.5 GiB per
-process)."""
+"""Only the Explainer (and a backbone serving torch) carries torch: the ingress,
+Preprocessor and Fusion run on numpy and OpenCV, and a CPU backbone on ONNX Runtime, so the
+service is small (issue 19: importing torch costs ~0.7 GiB per process)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-CPU_SIDE = ("serve.ingress", "serve.preprocessor", "serve.fusion")
+# The CPU-side deployments, and the driver that builds the application (`orthovision
+# serve`): it imports every deployment module, so the model replicas import torch lazily.
+CPU_SIDE = ("serve.ingress", "serve.preprocessor", "serve.fusion", "serve.commands", "serve.app")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,7 +31,7 @@ def test_cpu_side_deployment_modules_never_import_torch(module):
 
 
 def test_the_check_sees_torch_where_it_is():
-    assert imports_torch("serve.backbone")
+    assert imports_torch("orthovision.model.torch_engine")
 
 
 def replica_processes(deployment: str) -> list[psutil.Process]:
@@ -47,10 +49,10 @@ def maps_torch(proc: psutil.Process) -> bool:
 
 
 @pytest.mark.serve
-def test_live_cpu_side_replicas_have_no_torch_mapped(live_app):
-    for deployment in ("Ingress", "Preprocessor", "Fusion"):
+def test_live_replicas_map_torch_only_in_the_explainer(live_app):
+    for deployment in ("Ingress", "Preprocessor", "Fusion", "Backbone_"):
         procs = replica_processes(deployment)
         assert procs, f"no {deployment} replica process found"
         assert not any(maps_torch(p) for p in procs), deployment
-    backbones = replica_processes("Backbone_")
-    assert backbones and all(maps_torch(p) for p in backbones)
+    explainers = replica_processes("Explainer")
+    assert explainers and all(maps_torch(p) for p in explainers)

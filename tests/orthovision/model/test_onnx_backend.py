@@ -1,5 +1,5 @@
-"""ONNX Runtime backend: same features and logits as torch, cached export keyed by the
-weights, and the start-up guard that falls back to torch when the engines disagree."""
+"""ONNX Runtime engine: same features and logits as torch, cached export keyed by the
+weights, torch's reference outputs, and the start-up check that falls back to torch."""
 
 from __future__ import annotations
 
@@ -11,15 +11,24 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from orthovision.model.onnx_backend import OnnxBranch, agreement, guard_batch, phantoms
-from orthovision.safety.ood import branch_features
+from orthovision.model.backbones import branch_features
+from orthovision.model.onnx_backend import (
+    OnnxBranch,
+    agreement,
+    graph_paths,
+    guard_batch,
+    model_input,
+    phantoms,
+)
+from orthovision.model.onnx_export import exported_branch
+from orthovision.model.tensors import to_model_input
 
 
 @pytest.mark.parametrize("timm_name", ["test_resnet", "test_efficientnet"])
-def test_onnx_logits_match_torch_for_any_batch_size(tmp_path, timm_name):
+def test_onnx_matches_torch_for_any_batch_size(tmp_path, timm_name):
     torch.manual_seed(0)
     model = timm.create_model(timm_name, pretrained=False, num_classes=4).eval()
-    branch = OnnxBranch(
+    branch = exported_branch(
         model, weights_sha256="a" * 64, branch="b", image_size=64, threads=1, cache_dir=tmp_path
     )
     for batch in (1, 3):
@@ -30,23 +39,28 @@ def test_onnx_logits_match_torch_for_any_batch_size(tmp_path, timm_name):
         assert got_logits.shape == (batch, 4) and got_feats.shape == tuple(feats.shape)
         np.testing.assert_allclose(got_logits, logits.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got_feats, feats.numpy(), rtol=1e-4, atol=1e-4)
+    assert not model.training  # the export leaves the branch as it found it
 
 
 def test_export_is_cached_per_weights(tmp_path):
     model = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
-    first = OnnxBranch(
-        model, weights_sha256="a" * 64, branch="b", image_size=64, threads=1, cache_dir=tmp_path
-    )
+    common = dict(branch="b", image_size=64, threads=1, cache_dir=tmp_path)
+    first = exported_branch(model, weights_sha256="a" * 64, **common)
     mtime = first.path.stat().st_mtime_ns
-    again = OnnxBranch(
-        model, weights_sha256="a" * 64, branch="b", image_size=64, threads=1, cache_dir=tmp_path
-    )
-    other = OnnxBranch(
-        model, weights_sha256="b" * 64, branch="b", image_size=64, threads=1, cache_dir=tmp_path
-    )
+    again = exported_branch(model, weights_sha256="a" * 64, **common)
+    other = exported_branch(model, weights_sha256="b" * 64, **common)
     assert again.path == first.path and again.path.stat().st_mtime_ns == mtime
     assert other.path != first.path
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".onnx", ".onnx"]  # no temp files
+
+
+def test_numpy_model_input_is_torchs():
+    pixels = phantoms(32)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = to_model_input(torch.from_numpy(pixels), mean, std).numpy()
+    np.testing.assert_allclose(model_input(pixels, mean, std), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        model_input(pixels[:, 0], mean, std)
 
 
 def test_agreement_reports_top1_and_probability_difference():
@@ -68,28 +82,36 @@ def test_guard_batch_is_the_checkpoints_own_else_phantoms(tmp_path):
 
 
 @pytest.fixture
-def tiny_backbone_config(tmp_path, monkeypatch):
+def tiny_checkpoint(tmp_path, monkeypatch):
     from support.checkpoints import save_tiny_checkpoint
 
     monkeypatch.setenv("ORTHOVISION_ONNX_CACHE", str(tmp_path / "onnx"))
-    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
-    return {
-        "serve": {"checkpoint": str(ckpt), "device": "cpu", "cpu_backend": "onnx"},
-    }
+    return save_tiny_checkpoint(tmp_path / "ckpt")
 
 
-def test_backbone_serves_onnx_when_it_agrees_with_torch(tiny_backbone_config):
-    from serve.backbone import Backbone
+def start(checkpoint, backend="onnx"):
+    from orthovision.config import PreprocessConfig
+    from orthovision.model.engine import OnnxEngine
 
-    replica = Backbone("resnet18", tiny_backbone_config)
-    assert replica.backend == "onnx" and replica.model is None
-    rows = replica._infer(phantoms(replica.size))
-    assert rows.shape == (6, 5) and np.isfinite(rows[:, :4]).all()
+    return OnnxEngine.start(checkpoint, "resnet18", backend, 1, PreprocessConfig())
 
 
-def test_backbone_serves_torch_when_onnx_disagrees(tiny_backbone_config, monkeypatch, caplog):
-    from serve.backbone import Backbone
+def test_engine_serves_onnx_with_torchs_rows(tiny_checkpoint):
+    from orthovision.model.checkpoint import load_checkpoint
+    from orthovision.model.torch_engine import TorchEngine
 
+    engine = start(tiny_checkpoint)
+    assert engine is not None and engine.backend == "onnx"
+    reference = TorchEngine(load_checkpoint(tiny_checkpoint), "resnet18", torch.device("cpu"), 1)
+    pixels = phantoms(224)
+    np.testing.assert_allclose(engine(pixels), reference(pixels), rtol=1e-3, atol=1e-4)
+    # The export ran in a child process and left the graph and torch's reference.
+    sha = __import__("json").loads((tiny_checkpoint / "model_card.json").read_text())
+    graph, ref = graph_paths(sha["weights_sha256"], "resnet18", 224)
+    assert graph.is_file() and ref.is_file()
+
+
+def test_engine_refuses_a_graph_that_disagrees_with_torch(tiny_checkpoint, monkeypatch, caplog):
     real_call = OnnxBranch.__call__
 
     def drifted(self, x):
@@ -98,6 +120,20 @@ def test_backbone_serves_torch_when_onnx_disagrees(tiny_backbone_config, monkeyp
 
     monkeypatch.setattr(OnnxBranch, "__call__", drifted)
     with caplog.at_level("WARNING", logger="ray.serve"):
-        replica = Backbone("resnet18", tiny_backbone_config)
-    assert replica.backend == "torch" and replica.onnx is None and replica.model is not None
+        assert start(tiny_checkpoint) is None
     assert "disagrees with torch for resnet18" in caplog.text
+
+
+def test_int8_without_graphs_of_these_weights_serves_fp32_onnx(tiny_checkpoint, caplog):
+    with caplog.at_level("INFO", logger="ray.serve"):
+        engine = start(tiny_checkpoint, "onnx-int8")
+    assert engine.backend == "onnx" and "no int8 graph" in caplog.text
+
+
+def test_engine_module_never_imports_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, orthovision.model.engine; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
