@@ -17,33 +17,41 @@ from serve.runtime import (
     config_from,
     forward_thread,
     limit_cpu_threads,
+    may_use_cuda,
 )
 from serve.store import LayerKind, open_store
 
 
 class Explainer:
     def __init__(self, config: dict) -> None:
-        # Imported here and in _explain, not at the top: the driver that builds the
-        # application imports this module, and only model replicas should load torch.
+        self.cfg = config_from(config)
+        threads, niceness = 1, 0
+        if not may_use_cuda(self.cfg.serve.device):
+            threads = limit_cpu_threads(self.cfg.serve.explainer.num_cpus)
+            # Explanations are background work: below the backbones as well.
+            niceness = 2 * self.cfg.serve.cpu_model_niceness
+        self.work = forward_thread(niceness, "explain")
+        # The model loads on that low-priority thread: the replica is up at once, the
+        # classifying replicas start without competing with a torch import, and an
+        # explanation asked for meanwhile queues behind the load on the same thread.
+        self.loading = self.work.submit(self._load, threads)
+        self.store = open_store(self.cfg.serve.store_url)
+
+    def _load(self, threads: int) -> None:
+        # Imported here, not at the top: the driver that builds the application imports
+        # this module, and only model replicas should load torch.
         import torch
 
         from orthovision.model.checkpoint import load_checkpoint
         from orthovision.model.device import resolve_device
 
-        self.cfg = config_from(config)
         self.device = resolve_device(self.cfg.serve.device)
-        niceness = 0
         if self.device.type == "cpu":
-            torch.set_num_threads(limit_cpu_threads(self.cfg.serve.explainer.num_cpus))
-            # Explanations are background work: below the backbones as well.
-            niceness = 2 * self.cfg.serve.cpu_model_niceness
-        self.work = forward_thread(niceness, "explain")
-        self.work.submit(int).result()  # start the thread (and lower it) before any request
+            torch.set_num_threads(threads)
         ckpt = load_checkpoint(checkpoint_path(self.cfg), expected_preprocess=self.cfg.preprocess)
         # float32 even on CUDA: gradients of half-precision CAMs are too coarse.
         self.model = ckpt.model.to(self.device).eval()
         self.classes = list(ckpt.card["classes"])
-        self.store = open_store(self.cfg.serve.store_url)
 
     def _explain(
         self, prepared: Prepared, target_class: int | None
@@ -52,6 +60,7 @@ class Explainer:
 
         from orthovision.model.explain import explain, grey_png, heatmap_rgba_png, overlay_png
 
+        self.loading.result()  # done (same thread); re-raises a failed load
         with torch.enable_grad():
             result = explain(
                 self.model, prepared.pixels, target_class, content_box=prepared.content_box
