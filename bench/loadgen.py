@@ -39,12 +39,14 @@ class Run:
     requests: int = 0
     errors: int = 0
     rejected: int = 0  # 503s: the service shed the request (a subset of errors)
+    statuses: dict = field(default_factory=dict)  # every status seen, counted
     wall_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, ms: float, images: int, status: int) -> None:
         with self.lock:
             self.requests += 1
+            self.statuses[status] = self.statuses.get(status, 0) + 1
             if status == 200:
                 self.latencies_ms.append(ms)
                 self.images += images
@@ -58,6 +60,7 @@ class Run:
             "requests": self.requests,
             "errors": self.errors,
             "rejected": self.rejected,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "img_per_s": round(self.images / self.wall_s, 2) if self.wall_s else 0.0,
             "req_per_s": round(len(lat) / self.wall_s, 2) if self.wall_s else 0.0,
             "p50_ms": round(statistics.median(lat), 1) if lat else None,

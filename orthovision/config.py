@@ -233,9 +233,9 @@ class ServeConfig(_Strict):
     # taken: a tenant's slow uploads cost only this budget, never another tenant's slots).
     admission_max_uploads_per_tenant: int = Field(16, ge=1)
     # Image requests in flight through each HTTP proxy (serve/shedding.py): beyond it a JSON
-    # 503 straight from the proxy, before the body is read or Ray is called. A little above
-    # admission_max_inflight, so the ingress's exact fair share decides first. 0 = off.
-    proxy_max_inflight: int = Field(12, ge=0)
+    # 503 straight from the proxy, before the body is read or Ray is called (fair between
+    # API keys). The ingress's bound stays the backstop. 0 = off.
+    proxy_max_inflight: int = Field(10, ge=0)
     # Prometheus export port of the local Ray node under `orthovision serve` (fixed, so
     # `curl 127.0.0.1:8080/metrics` works; Ray's default is a random port).
     metrics_export_port: int = Field(8080, ge=1, le=65535)

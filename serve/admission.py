@@ -50,16 +50,26 @@ class Admission:
         async with self._held(self.uploads, tenant):
             yield
 
-    @contextlib.asynccontextmanager
-    async def slot(self, tenant: str) -> AsyncIterator[None]:
+    def acquire(self, tenant: str) -> None:
+        """Take a slot for `tenant` or raise Overloaded; pair with release()."""
         if not self.would_admit(tenant):
             raise Overloaded()
         self.total += 1
+        self.inflight[tenant] += 1
+
+    def release(self, tenant: str) -> None:
+        self.total -= 1
+        self.inflight[tenant] -= 1
+        if self.inflight[tenant] <= 0:
+            del self.inflight[tenant]  # bounded: only tenants with work in progress are kept
+
+    @contextlib.asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[None]:
+        self.acquire(tenant)
         try:
-            async with self._held(self.inflight, tenant):
-                yield
+            yield
         finally:
-            self.total -= 1
+            self.release(tenant)
 
     @staticmethod
     @contextlib.asynccontextmanager

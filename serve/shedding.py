@@ -9,9 +9,9 @@ answers the same JSON 503 + Retry-After as the ingress.
 It bounds the image-carrying POSTs in flight through this proxy with the ingress's own
 `Admission` (fair shares, O(1)); the tenant bucket is a hash of the API key header, not a
 verified identity (the ingress authenticates), so one busy client cannot crowd out the
-others at the proxy either. The bound sits a little above the ingress's
-(`serve.proxy_max_inflight`): in normal overload the ingress's exact fair share decides,
-and the proxy sheds the excess.
+others here either. The bound (`serve.proxy_max_inflight`) defaults to the ingress's, so
+nearly every refusal happens here; the ingress's own check, by authenticated tenant,
+remains the backstop (several keys of one tenant, several proxies in front of one ingress).
 
 Serve loads it through RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH = "serve.shedding:middlewares"
 (set by `orthovision serve` and in the KubeRay pod environment), configured by the
@@ -25,9 +25,9 @@ import json
 import os
 
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.admission import Admission
+from serve.admission import Admission, Overloaded
 
 CALLBACK = "serve.shedding:middlewares"
 MAX_INFLIGHT_ENV = "ORTHOVISION_PROXY_MAX_INFLIGHT"
@@ -52,12 +52,28 @@ class ShedAtProxy:
             await self.app(scope, receive, send)
             return
         tenant = self._bucket(scope)
-        if not self.admission.would_admit(tenant):
+        try:
+            self.admission.acquire(tenant)
+        except Overloaded:
             self.shed += 1
             await _overloaded(send)
             return
-        async with self.admission.slot(tenant):
-            await self.app(scope, receive, send)
+        held = True
+
+        async def send_and_release(message: Message) -> None:
+            # The slot is free once the answer's last byte is handed over: a client that
+            # sends its next request on reading it must not find its old one still counted.
+            nonlocal held
+            if held and message["type"] == "http.response.body" and not message.get("more_body"):
+                held = False
+                self.admission.release(tenant)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_release)
+        finally:
+            if held:
+                self.admission.release(tenant)
 
     def _bucket(self, scope: Scope) -> str:
         for name, value in scope.get("headers", ()):
