@@ -98,6 +98,13 @@ def held_out_metrics(
     return metrics
 
 
+SEVERITY_NOTE = (
+    "No severity score: the data has no severity labels (displacement, comminution, "
+    "healing stage), so none is trained or reported; studies and timelines compare "
+    "fracture probabilities only."
+)
+
+
 def card_notes(cfg: OrthoVisionConfig, validated: list[str]) -> list[str]:
     notes = []
     unvalidated = [c for c in cfg.model.classes if c not in validated]
@@ -122,4 +129,5 @@ def card_notes(cfg: OrthoVisionConfig, validated: list[str]) -> list[str]:
         "by the OOD score), children's growing skeletons (ages are not recorded in the data), "
         "tumour diagnosis, or use without a qualified reader."
     )
+    notes.append(SEVERITY_NOTE)
     return notes

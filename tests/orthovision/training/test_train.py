@@ -136,6 +136,7 @@ def test_fracture_only_data_leaves_tumour_classes_unvalidated(tmp_path: Path):
     card = load_checkpoint(train(cfg, tmp_path / "ckpt", progress=False)).card
     assert card["validated_classes"] == ["fracture", "non-affected"]
     assert any("tumor-benign" in note for note in card["notes"])
+    assert any(note.startswith("No severity score") for note in card["notes"])
 
 
 def test_resume_continues_where_it_stopped(tmp_path: Path, four_class_sources):
