@@ -177,9 +177,11 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
         probe = {"cpu_probe": server.cpu_s}
         jpeg = bodies(sets["jpeg224"])
         closed_loop(url, "/v1/predict", jpeg, 8, 3, 0)  # warm every path once
-        # ...the explainer too: it loads its model after the service is ready, and that
-        # load must not fall inside the first measured window.
-        warm_explainer(url, jpeg[0])
+        # ...the explainer too when it runs from the start: it loads its model after the
+        # service is ready, and that load must not fall inside the first measured window.
+        # (Scaled to zero, the local default, it stays down: /v1/predict never calls it.)
+        if cfg.serve.explainer.min_replicas > 0:
+            warm_explainer(url, jpeg[0])
         for c in args.concurrency:
             server.memory.reset_peak()
             row = closed_loop(url, "/v1/predict", jpeg, c, duration_s, args.warmup_s, **probe)

@@ -249,8 +249,17 @@ class ServeConfig(_Strict):
     fusion: DeploymentConfig = DeploymentConfig(
         num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
     )
+    # Scaled to zero when idle: the one torch process (~0.75 GiB) exists only while
+    # explanations are asked for. The first one after an idle spell waits for a replica
+    # (a cold start of a few seconds; explanations are asynchronous anyway).
     explainer: DeploymentConfig = DeploymentConfig(
-        num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=64
+        min_replicas=0,
+        max_replicas=1,
+        target_ongoing_requests=1.0,
+        downscale_delay_s=600.0,
+        num_cpus=0.25,
+        max_ongoing_requests=1,
+        max_queued_requests=64,
     )
 
     @property

@@ -64,7 +64,13 @@ def preset(name: str) -> OrthoVisionConfig:
                     }
                 ),
                 explainer=base.explainer.model_copy(
-                    update={"min_replicas": 1, "max_replicas": 2, "num_gpus": 0.25, **on_model_pool}
+                    update={
+                        "min_replicas": 1,
+                        "max_replicas": 2,
+                        "downscale_delay_s": 30.0,
+                        "num_gpus": 0.25,
+                        **on_model_pool,
+                    }
                 ),
                 ingress=base.ingress.model_copy(
                     update={

@@ -48,7 +48,8 @@ def deployment_options(d: DeploymentConfig) -> dict:
     if d.autoscaled:
         opts["autoscaling_config"] = {
             "min_replicas": d.min_replicas,
-            "initial_replicas": max(d.min_replicas, 1),
+            # Nothing starts a deployment that may scale to zero until it is asked for.
+            "initial_replicas": d.min_replicas,
             "max_replicas": d.max_replicas,
             "target_ongoing_requests": d.target_ongoing_requests,
             "upscale_delay_s": d.upscale_delay_s,
