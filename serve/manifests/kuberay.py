@@ -83,6 +83,8 @@ def _container(
         "ports": [{"name": n, "containerPort": p} for n, p in ports.items()],
         "env": [
             {"name": "ORTHOVISION_CHECKPOINT", "value": spec.checkpoint_dir},
+            # The ONNX export cache must be writable: the root filesystem is read-only.
+            {"name": "ORTHOVISION_ONNX_CACHE", "value": "/tmp/orthovision/onnx"},
             *env,
         ],
         "resources": _resources(size),
