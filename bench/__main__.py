@@ -177,11 +177,7 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
         probe = {"cpu_probe": server.cpu_s}
         jpeg = bodies(sets["jpeg224"])
         closed_loop(url, "/v1/predict", jpeg, 8, 3, 0)  # warm every path once
-        # ...the explainer too when it runs from the start: it loads its model after the
-        # service is ready, and that load must not fall inside the first measured window.
-        # (Scaled to zero, the local default, it stays down: /v1/predict never calls it.)
-        if cfg.serve.explainer.min_replicas > 0:
-            warm_explainer(url, jpeg[0])
+        warm_explainer(url, jpeg[0], cfg)
         for c in args.concurrency:
             server.memory.reset_peak()
             row = closed_loop(url, "/v1/predict", jpeg, c, duration_s, args.warmup_s, **probe)
@@ -238,8 +234,13 @@ def run_serve(args, sets, cfg, tmp: Path, duration_s: float) -> dict:
     return out
 
 
-def warm_explainer(url: str, body: Body, timeout_s: float = 180.0) -> None:
-    """One explained request, waited for until its explanation is done (or failed)."""
+def warm_explainer(url: str, body: Body, cfg, timeout_s: float = 180.0) -> None:
+    """When the explainer runs from the start, one explained request, waited for until
+    its explanation is done (or failed): the explainer loads its model after the service is
+    ready, and that load must not fall inside the first measured window. Scaled to zero
+    (the local default) it stays down: the measured routes never call it."""
+    if cfg.serve.explainer.min_replicas == 0:
+        return
     import httpx
 
     with httpx.Client(base_url=url, timeout=60) as client:

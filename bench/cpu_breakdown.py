@@ -68,8 +68,7 @@ def main() -> None:
     server.start(ready_timeout_s=300)
     try:
         closed_loop(url, "/v1/predict", jpeg, 8, 3, 0)  # warm every path
-        if cfg.serve.explainer.min_replicas > 0:  # its model loads after ready: not in the window
-            warm_explainer(url, jpeg[0])
+        warm_explainer(url, jpeg[0], cfg)
         before, t0 = cpu_by_role(), time.time()
         row = closed_loop(url, path, load, concurrency, args.seconds, 0)
         after, wall = cpu_by_role(), time.time() - t0

@@ -25,18 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from orthovision.datasets.splits import one_per_group
+from orthovision.model.quantize import INT8_DIR
 from orthovision.paths import checkpoint_dir
 
 AUC_DROP_MAX = 0.005
 AGREEMENT_MIN = 0.99
 BRANCH_AGREEMENT_MIN = 0.99
-
-
-def one_per_group(samples, limit: int) -> list[int]:
-    first: dict[str, int] = {}
-    for i in sorted(range(len(samples)), key=lambda i: samples[i].sha256):
-        first.setdefault(samples[i].group, i)
-    return sorted(first.values(), key=lambda i: samples[i].sha256)[:limit]
 
 
 def quantize_checkpoint(ckpt, data: Path, calib: int, threads: int) -> dict:
@@ -191,9 +186,7 @@ def main() -> None:
     result["speed_img_per_s"] = speed(ckpt, runners, args.seconds)
     test = result["test"]
     # Accepted only with at least one int8 branch: without, "int8" ran fp32 throughout.
-    int8_branches = (result.get("calibration") or {}).get("int8_branches")
-    if int8_branches is None:
-        int8_branches = [n for n in runners["int8"] if "int8" in runners["int8"][n].path.parts]
+    int8_branches = [n for n, run in runners["int8"].items() if INT8_DIR in run.path.parts]
     result["int8_branches"] = int8_branches
     result["accepted"] = bool(
         int8_branches

@@ -38,7 +38,6 @@ class Run:
     images: int = 0
     requests: int = 0
     errors: int = 0
-    rejected: int = 0  # 503s: the service shed the request (a subset of errors)
     statuses: dict = field(default_factory=dict)  # every status seen, counted
     wall_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -52,14 +51,13 @@ class Run:
                 self.images += images
             else:
                 self.errors += 1
-                self.rejected += status == 503
 
     def summary(self) -> dict:
         lat = sorted(self.latencies_ms)
         return {
             "requests": self.requests,
             "errors": self.errors,
-            "rejected": self.rejected,
+            "rejected": self.statuses.get(503, 0),  # the service shed them
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "img_per_s": round(self.images / self.wall_s, 2) if self.wall_s else 0.0,
             "req_per_s": round(len(lat) / self.wall_s, 2) if self.wall_s else 0.0,

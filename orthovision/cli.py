@@ -168,16 +168,14 @@ def cmd_guard_batch(args: argparse.Namespace) -> int:
     images, one per near-duplicate group, on which every ONNX replica is checked at start."""
     import numpy as np
 
+    from orthovision.datasets.splits import one_per_group
     from orthovision.evaluation.run import split_samples
     from orthovision.model.checkpoint import load_checkpoint
     from orthovision.model.onnx_backend import GUARD_FILE
 
     ckpt = load_checkpoint(args.checkpoint)
     kept, pixels, _ = split_samples(ckpt, args.data, "val")
-    per_group: dict[str, int] = {}
-    for i in sorted(range(len(kept)), key=lambda i: kept[i].sha256):
-        per_group.setdefault(kept[i].group, i)
-    chosen = sorted(per_group.values(), key=lambda i: kept[i].sha256)[: args.n]
+    chosen = one_per_group(kept, args.n)
     path = Path(args.checkpoint) / GUARD_FILE
     np.savez_compressed(path, pixels=pixels[chosen])
     write_line(f"wrote {path}: {len(chosen)} validation images, one per group")

@@ -78,3 +78,12 @@ def read_split_csv(path: Path) -> dict[str, str]:
     """sha256 -> split name."""
     with path.open(newline="") as fh:
         return {row["sha256"]: row["split"] for row in csv.DictReader(fh)}
+
+
+def one_per_group(samples: Sequence[Sample], limit: int) -> list[int]:
+    """Indices of at most `limit` samples, one per near-duplicate group, chosen by sha256
+    (deterministic, and never two near-copies of one image)."""
+    first: dict[str, int] = {}
+    for i in sorted(range(len(samples)), key=lambda i: samples[i].sha256):
+        first.setdefault(samples[i].group, i)
+    return sorted(first.values(), key=lambda i: samples[i].sha256)[:limit]

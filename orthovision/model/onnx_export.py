@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,22 +70,17 @@ def write_reference(model: nn.Module, mean, std, pixels: np.ndarray, path: Path)
     return path
 
 
-class _staged:
+@contextmanager
+def _staged(path: Path, suffix: str) -> Iterator[str]:
     """A temporary file beside `path`, moved onto it when the block succeeds."""
-
-    def __init__(self, path: Path, suffix: str) -> None:
-        self.path, self.suffix = path, suffix
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(suffix=self.suffix, dir=self.path.parent)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, *_exc) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def exported_branch(

@@ -16,6 +16,7 @@ from support.data import FAKE_PATIENT_ID, FAKE_PATIENT_NAME, SHARED
 from support.dicomweb import related_body
 from support.images import make_dicom, make_png
 from support.liveapp import KEY_B, radiograph
+from support.pdf import pdf_text
 
 pytestmark = pytest.mark.serve
 
@@ -124,9 +125,7 @@ def test_pdf_report_renders_with_heatmap_and_statement(live_app, explained_dicom
     subprocess.run(["pdftoppm", "-png", "-r", "50", str(pdf), str(tmp_path / "page")], check=True)
     pages = sorted(tmp_path.glob("page*.png"))
     assert len(pages) == 1
-    text = subprocess.run(
-        ["pdftotext", "-layout", str(pdf), "-"], check=True, capture_output=True, text=True
-    ).stdout
+    text = pdf_text(r.content, "-layout")
     shown = result["label"] or "abstained"
     assert f"Predicted class: {shown}" in text
     assert "second-opinion aid" in text and "not a diagnosis" in text
@@ -156,10 +155,7 @@ def test_pdf_report_without_explanation_says_so(live_app, tmp_path):
     r = live_app.client.post("/v1/predict", content=make_png(radiograph(21)))
     pdf = live_app.client.get(f"/v1/predictions/{r.json()['request_id']}/report.pdf")
     assert pdf.status_code == 200
-    (tmp_path / "r.pdf").write_bytes(pdf.content)
-    text = subprocess.run(
-        ["pdftotext", str(tmp_path / "r.pdf"), "-"], check=True, capture_output=True, text=True
-    ).stdout
+    text = pdf_text(pdf.content)
     assert "No explanation was requested for this image." in text
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import shutil
 import sqlite3
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +20,7 @@ from support.data import FAKE_PATIENT_ID, FAKE_PATIENT_NAME
 from support.dicomweb import stow
 from support.images import make_dicom, make_png, radiograph
 from support.liveapp import KEY_B, VIEWER_KEY
+from support.pdf import pdf_text
 
 from serve.studies import ABSTAINED_TEXT
 
@@ -221,10 +221,7 @@ def test_the_follow_up_report_names_the_prior_study(live_app, two_studies, tmp_p
     rid = follow["results"][0]["request_id"]
     pdf = live_app.client.get(f"/v1/predictions/{rid}/report.pdf")
     assert pdf.status_code == 200
-    (tmp_path / "r.pdf").write_bytes(pdf.content)
-    text = subprocess.run(
-        ["pdftotext", str(tmp_path / "r.pdf"), "-"], check=True, capture_output=True, text=True
-    ).stdout
+    text = pdf_text(pdf.content)
     flat = " ".join(text.split())
     assert "Prior studies (same patient, same body part)" in flat
     was = shown(first["studies"][0]["result"]["fracture_probability"])
@@ -233,10 +230,5 @@ def test_the_follow_up_report_names_the_prior_study(live_app, two_studies, tmp_p
     assert not [s for s in SECRETS if s in text]
     # The first study has no prior: its report says nothing about priors.
     rid0 = first["results"][0]["request_id"]
-    (tmp_path / "r0.pdf").write_bytes(
-        live_app.client.get(f"/v1/predictions/{rid0}/report.pdf").content
-    )
-    text0 = subprocess.run(
-        ["pdftotext", str(tmp_path / "r0.pdf"), "-"], check=True, capture_output=True, text=True
-    ).stdout
+    text0 = pdf_text(live_app.client.get(f"/v1/predictions/{rid0}/report.pdf").content)
     assert "Prior studies" not in text0

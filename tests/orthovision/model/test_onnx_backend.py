@@ -106,8 +106,9 @@ def test_engine_serves_onnx_with_torchs_rows(tiny_checkpoint):
     pixels = phantoms(224)
     np.testing.assert_allclose(engine(pixels), reference(pixels), rtol=1e-3, atol=1e-4)
     # The export ran in a child process and left the graph and torch's reference.
-    sha = __import__("json").loads((tiny_checkpoint / "model_card.json").read_text())
-    graph, ref = graph_paths(sha["weights_sha256"], "resnet18", 224)
+    from orthovision.model.card import read_card
+
+    graph, ref = graph_paths(read_card(tiny_checkpoint)["weights_sha256"], "resnet18", 224)
     assert graph.is_file() and ref.is_file()
 
 
