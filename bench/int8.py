@@ -34,7 +34,9 @@ AGREEMENT_MIN = 0.99
 BRANCH_AGREEMENT_MIN = 0.99
 
 
-def quantize_checkpoint(ckpt, data: Path, calib: int, threads: int) -> dict:
+def quantize_checkpoint(
+    ckpt, data: Path, calib: int, threads: int, gate: float = BRANCH_AGREEMENT_MIN
+) -> dict:
     """Step 1: int8 graphs of the branches that keep their top-1 on the validation split;
     the manifest. Returns the manifest's calibration record."""
     import torch
@@ -72,7 +74,7 @@ def quantize_checkpoint(ckpt, data: Path, calib: int, threads: int) -> dict:
         same = [fp32(x)[1].argmax(1) == int8(x)[1].argmax(1) for x in inputs(val_pixels, batches)]
         agreement = float(np.concatenate(same).mean())
         record["val_top1_agreement"][name] = round(agreement, 4)
-        if agreement < BRANCH_AGREEMENT_MIN:
+        if agreement < gate:
             graph.unlink()  # this branch stays fp32
     record["int8_branches"] = sorted(p.stem for p in folder.glob("*.onnx"))
     write_manifest(ckpt.path, ckpt.card["weights_sha256"], record)
@@ -173,6 +175,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=5.0, help="per speed point")
     p.add_argument("--skip-quantize", action="store_true", help="measure existing graphs")
+    p.add_argument(
+        "--gate",
+        type=float,
+        default=BRANCH_AGREEMENT_MIN,
+        help="validation top-1 agreement a branch's graph needs to be kept (0: keep all, to "
+        "measure what int8 would cost)",
+    )
     args = p.parse_args()
 
     from orthovision.model.checkpoint import load_checkpoint
@@ -180,7 +189,9 @@ def main() -> None:
     ckpt = load_checkpoint(args.checkpoint)
     result: dict = {"cpu": platform.processor() or platform.machine()}
     if not args.skip_quantize:
-        result["calibration"] = quantize_checkpoint(ckpt, args.data, args.calib, args.threads)
+        result["calibration"] = quantize_checkpoint(
+            ckpt, args.data, args.calib, args.threads, args.gate
+        )
     runners = engines(ckpt, args.threads)
     result["test"] = test_split_figures(ckpt, args.data, runners)
     result["speed_img_per_s"] = speed(ckpt, runners, args.seconds)

@@ -37,7 +37,7 @@ def start(config_file: Path, num_cpus: int | None = None) -> str:
     os.environ.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", str(int(READY_TIMEOUT_S)))
     # Ray prestarts one idle task worker per CPU for the first driver; Serve runs only
     # actors, which get workers of their own, so on a small box those idle workers just
-    # compete with the replicas' start (ready 21 -> 19 s measured on 2 cores).
+    # compete with the replicas' start (python -m bench.startup measures it).
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     # The proxy sheds overload itself (serve/shedding.py); it inherits this environment too.
     s = cfg.serve
