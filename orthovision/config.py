@@ -354,6 +354,12 @@ class TrainConfig(_Strict):
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     # Balancing (paper 4.2): sampler and loss weights, plus training augmentation.
     weighted_sampler: bool = True
+    # With the weighted sampler: also draw each near-duplicate group equally often within
+    # its class (a radiograph with 20 rotated copies weighs as much as one kept once).
+    group_balanced: bool = False
+    # Mixup (Zhang et al. 2018): each batch blended with a shuffled copy of itself,
+    # lambda ~ Beta(alpha, alpha), the loss blended alike. 0: off.
+    mixup_alpha: float = Field(0.0, ge=0)
     class_weighted_loss: bool = True
     augment: bool = True
     num_workers: int = Field(0, ge=0)

@@ -13,6 +13,7 @@ are cached as uint8 `.npy` keyed by the file's sha256 and the preprocessing hash
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,10 +65,24 @@ def class_weights(targets: Sequence[int], num_classes: int = len(CLASSES)) -> to
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def balanced_sampler(targets: Sequence[int], seed: int = 0) -> WeightedRandomSampler:
-    """Each class drawn equally often in expectation (paper 4.2: WeightedRandomSampler)."""
-    counts = class_counts(targets)
-    per_sample = 1.0 / counts[np.asarray(targets, dtype=np.int64)]
+def balanced_sampler(
+    targets: Sequence[int], seed: int = 0, groups: Sequence[str] | None = None
+) -> WeightedRandomSampler:
+    """Each class drawn equally often in expectation (paper 4.2: WeightedRandomSampler).
+
+    With `groups`, each near-duplicate group is also drawn equally often within its class:
+    a radiograph kept as 20 rotated copies no longer counts 20 times as much as one kept once.
+    """
+    y = np.asarray(targets, dtype=np.int64)
+    if groups is None:
+        per_sample = 1.0 / class_counts(targets)[y]
+    else:
+        if len(groups) != len(y):
+            raise ValueError("groups and targets differ in length")
+        keys = list(zip(y.tolist(), groups, strict=True))
+        copies = Counter(keys)  # images of one group within one class
+        groups_in_class = Counter(label for label, _ in copies)
+        per_sample = np.array([1.0 / (groups_in_class[k[0]] * copies[k]) for k in keys])
     gen = torch.Generator().manual_seed(seed)
     return WeightedRandomSampler(
         torch.as_tensor(per_sample, dtype=torch.double), len(targets), True, generator=gen
@@ -117,6 +132,9 @@ class PreparedData:
     def targets(self, split: str | None = None) -> list[int]:
         idx = range(len(self.samples)) if split is None else self.indices(split)
         return [self.samples[i].target for i in idx]
+
+    def groups(self, split: str) -> list[str]:
+        return [self.samples[i].group for i in self.indices(split)]
 
     def dataset(self, split: str, transform=None) -> CachedImageDataset:
         idx = self.indices(split)

@@ -25,6 +25,8 @@ RECIPE_KEYS = (
     "label_smoothing",
     "ema_decay",
     "augmentation",
+    "group_balanced",
+    "mixup_alpha",
     "selection_metric",
     "patience",
     "min_epochs",

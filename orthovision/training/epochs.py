@@ -182,6 +182,35 @@ class Run:
         return predict_logits(self.model, val_px, self.cfg.train.eval_batch_size, self.device)
 
 
+def mixup(
+    x_uint8: torch.Tensor, y: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(blended uint8 batch, the partner targets, lambda); lambda 1 and no change when off.
+
+    Blending stays in uint8 (rounding costs < 0.5/255), so the model input path is the
+    one serving uses. Draws from numpy's global generator, seeded per epoch.
+    """
+    if alpha <= 0 or len(y) < 2:
+        return x_uint8, y, 1.0
+    lam = float(np.random.beta(alpha, alpha))
+    perm = torch.from_numpy(np.random.permutation(len(y))).to(y.device)
+    mixed = lam * x_uint8.float() + (1 - lam) * x_uint8[perm.to(x_uint8.device)].float()
+    return mixed.round_().clamp_(0, 255).to(torch.uint8), y[perm], lam
+
+
+def _loss(
+    run: Run, out: dict[str, torch.Tensor], y: torch.Tensor, w: torch.Tensor | None
+) -> torch.Tensor:
+    """Branch mode: the sum of each branch's own loss; joint: the fused NLL."""
+    if run.branch_mode:
+        smoothing = run.cfg.train.label_smoothing
+        return sum(
+            nn.functional.cross_entropy(o.float(), y, weight=w, label_smoothing=smoothing)
+            for o in out.values()
+        )
+    return weighted_nll(fused_log_probs(run.model, out), y, w)
+
+
 def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
     """One pass over the training split; returns the pass's training figures."""
     from tqdm import tqdm
@@ -196,7 +225,8 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
     # Seeding per epoch makes a resumed run draw what an uninterrupted one would.
     seed_everything(tc.seed + epoch)
     targets = run.data.targets("train")
-    sampler = balanced_sampler(targets, tc.seed + epoch) if tc.weighted_sampler else None
+    groups = run.data.groups("train") if tc.group_balanced else None
+    sampler = balanced_sampler(targets, tc.seed + epoch, groups) if tc.weighted_sampler else None
     loader = DataLoader(
         train_ds,
         batch_size=tc.batch_size,
@@ -223,17 +253,12 @@ def run_epoch(run: Run, epoch: int, progress: bool) -> dict:
         if step >= steps or (budget is not None and time.monotonic() - run.started > budget):
             break  # at the budget the partial pass is still validated and can be the best
         y = y.to(run.device, non_blocking=True)
+        x, y_mix, lam = mixup(x, y, tc.mixup_alpha)
         with _autocast(run.device, run.use_amp):
             out = {n: model.branch_forward(n, x) for n in names}
-        if run.branch_mode:
-            loss = sum(
-                nn.functional.cross_entropy(
-                    o.float(), y, weight=w, label_smoothing=tc.label_smoothing
-                )
-                for o in out.values()
-            )
-        else:
-            loss = weighted_nll(fused_log_probs(model, out), y, w)
+        loss = _loss(run, out, y, w)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * _loss(run, out, y_mix, w)
         factor = lr_factor(epoch * steps + step, steps, tc)
         for group in run.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor

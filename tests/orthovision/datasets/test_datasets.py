@@ -239,6 +239,19 @@ def test_balanced_sampler_draws_classes_evenly():
     assert list(balanced_sampler(targets, seed=1)) == list(balanced_sampler(targets, seed=1))
 
 
+def test_group_balanced_sampler_weighs_each_group_equally_within_its_class():
+    # class 0: group "a" kept as 8 copies, group "b" once; class 1: one group of 3
+    targets = [0] * 9 + [1] * 3
+    groups = ["a"] * 8 + ["b"] + ["c"] * 3
+    w = balanced_sampler(targets, seed=0, groups=groups).weights.numpy()
+    assert w[:8].sum() == pytest.approx(w[8])  # the 8 copies together weigh one radiograph
+    assert w[:9].sum() == pytest.approx(w[9:].sum())  # classes still drawn equally
+    plain = balanced_sampler(targets, seed=0).weights.numpy()
+    assert plain[0] == pytest.approx(plain[8])  # without groups every copy counts
+    with pytest.raises(ValueError, match="differ in length"):
+        balanced_sampler(targets, groups=groups[:-1])
+
+
 def test_cached_dataset_yields_uint8_and_applies_transform():
     pixels = np.zeros((3, 1, 8, 8), np.uint8)
     ds = CachedImageDataset(pixels, [0, 1, 1], transform=lambda x: x + 1)

@@ -19,6 +19,7 @@ from orthovision.model.checkpoint import load_checkpoint
 from orthovision.model.probabilities import fused_probabilities
 from orthovision.training.calibration import fit_temperature
 from orthovision.training.compare import compare_backbones
+from orthovision.training.epochs import mixup
 from orthovision.training.loop import train
 
 
@@ -76,6 +77,8 @@ RECIPE = {
     "label_smoothing": 0.1,
     "ema_decay": 0.9,
     "augmentation": "radiograph",
+    "group_balanced": True,
+    "mixup_alpha": 0.2,
     "selection_metric": "auc",
 }
 
@@ -92,6 +95,7 @@ def test_recipe_options_train_select_by_auc_and_set_an_operating_point(tmp_path:
     # Cosine reaches 0 at the last configured epoch.
     assert history[0]["lr_factor"] > history[-1]["lr_factor"] >= 0
     assert card["training"]["recipe"]["ema_decay"] == 0.9
+    assert card["training"]["recipe"]["mixup_alpha"] == 0.2
     op = card["operating_point"]
     assert op["class"] == "fracture" and op["chosen_on"] == "val"
     assert op["val_sensitivity"] >= 0.90 and 0 <= op["threshold"] <= 1
@@ -103,6 +107,19 @@ def test_recipe_options_train_select_by_auc_and_set_an_operating_point(tmp_path:
     assert card["scope"]["out_of_scope_body_parts"]
     mix = card["drift_baseline"]["label_mix"]
     assert abs(sum(mix.values()) - 1) < 1e-9 and "abstained" in mix
+
+
+def test_mixup_blends_images_and_pairs_each_with_its_partners_target():
+    np.random.seed(0)
+    x = torch.stack([torch.full((1, 4, 4), v, dtype=torch.uint8) for v in (0, 100, 200, 250)])
+    y = torch.tensor([0, 1, 2, 3])
+    mixed, partner, lam = mixup(x, y, alpha=0.4)
+    assert mixed.dtype == torch.uint8 and 0 < lam < 1
+    expected = (lam * x.float() + (1 - lam) * x[partner].float()).round()
+    assert torch.equal(mixed.float(), expected)  # partner targets index the partner images
+    assert sorted(partner.tolist()) == [0, 1, 2, 3]
+    same, same_y, one = mixup(x, y, alpha=0.0)
+    assert same is x and same_y is y and one == 1.0
 
 
 def test_operating_point_is_the_highest_threshold_meeting_the_sensitivity():
