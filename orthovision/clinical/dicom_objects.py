@@ -27,9 +27,28 @@ NOT_A_DIAGNOSIS = (
     "Computer-generated second-opinion aid for a qualified reader; not a diagnosis. "
     "Classes outside the validated list are never reported."
 )
-# Private coding scheme (PS3.16 8.2: designators starting "99" are local) for the project's
-# own concepts: the four classes and the per-class probabilities.
-SCHEME = "99ORTHOVISION"
+# Standard codes only (SNOMED CT, DICOM, LOINC): a PACS and dciodvfy know them all, so no
+# private scheme needs declaring. The class findings (PS3.16 codes where pydicom's code
+# dictionary lists them; "Fracture of bone" and "Neoplasm, benign" are SNOMED CT concepts
+# it does not list).
+CLASS_CODES = {
+    "fracture": ("125605004", "SCT", "Fracture of bone"),
+    "non-affected": ("17621005", "SCT", "Normal"),
+    "tumor-benign": ("3898006", "SCT", "Neoplasm, benign"),
+    "tumor-malignant": ("86049000", "SCT", "Malignant neoplasm, primary"),
+}
+INDETERMINATE = ("82334004", "SCT", "Indeterminate")  # abstained: no finding reported
+FINDING = ("121071", "DCM", "Finding")
+PROBABILITY = ("122157", "DCM", "Probability")
+COMMENT = ("121106", "DCM", "Comment")
+ALGORITHM_PARAMETERS = ("111002", "DCM", "Algorithm Parameters")
+SOURCE_OF_MEASUREMENT = ("121112", "DCM", "Source of Measurement")
+SINGLE_IMAGE_FINDING = ("111059", "DCM", "Single Image Finding")
+# BodyPartExamined defined terms without a left and right (PS3.16 Annex L, "Paired": no).
+UNPAIRED_BODY_PARTS = frozenset(
+    "ABDOMEN CHEST CHESTABDOMEN CSPINE TSPINE LSPINE SSPINE SPINE COCCYX SACRUM PELVIS "
+    "SKULL HEAD HEADNECK NECK FACE JAW TMJ STERNUM WHOLEBODY".split()
+)
 UCUM_NO_UNITS = ("1", "UCUM", "no units")
 _UID_NAMESPACE = uuid.UUID("7d1c1a36-5b4e-4b55-9d63-2c8a7e0f9b11")
 
@@ -75,7 +94,28 @@ def _code(value: str, scheme: str, meaning: str):
 
 
 def _class_code(name: str):
-    return _code(name, SCHEME, name.replace("-", " "))
+    return _code(*CLASS_CODES[name])
+
+
+def _comment(text: str, relationship: str = "CONTAINS"):
+    from highdicom.sr import TextContentItem
+
+    return TextContentItem(_code(*COMMENT), text, relationship)
+
+
+def _probability(name: str, p: float, note: str | None = None, evidence=None):
+    """NUM "Probability" of one class: the class as a concept modifier (HAS CONCEPT MOD
+    "Finding"), an optional note, an optional image it was inferred from."""
+    from highdicom.sr import CodeContentItem, ContentSequence, NumContentItem
+
+    item = NumContentItem(_code(*PROBABILITY), float(p), _code(*UCUM_NO_UNITS), None, "CONTAINS")
+    children = [CodeContentItem(_code(*FINDING), _class_code(name), "HAS CONCEPT MOD")]
+    if note:
+        children.append(_comment(note, "HAS PROPERTIES"))
+    if evidence is not None:
+        children.append(evidence)
+    item.ContentSequence = ContentSequence(children, is_root=False)
+    return item
 
 
 def _stamp(ds, created_at: float) -> None:
@@ -100,70 +140,53 @@ def _algorithm_items(model: dict) -> list:
         TextContentItem(_code("111001", "DCM", "Algorithm Name"), model["name"], contains),
         TextContentItem(_code("111003", "DCM", "Algorithm Version"), model["version"], contains),
         TextContentItem(
-            _code("weights-sha256", SCHEME, "Model weights SHA-256"), model["sha256"], contains
+            _code(*ALGORITHM_PARAMETERS), f"weights sha256 {model['sha256']}", contains
         ),
     ]
 
 
-def _finding_items(result: dict, src) -> list:
-    """One image's finding (or abstention and why), per-class probabilities, validated
-    classes and its source image reference."""
-    from highdicom.sr import CodeContentItem as Code
-    from highdicom.sr import (
-        ImageContentItem,
-        NumContentItem,
-        RelationshipTypeValues,
-        TextContentItem,
+def _image(src, relationship: str = "CONTAINS"):
+    from highdicom.sr import ImageContentItem
+
+    return ImageContentItem(
+        _code(*SOURCE_OF_MEASUREMENT),
+        src.SOPClassUID,
+        src.SOPInstanceUID,
+        relationship_type=relationship,
     )
 
-    contains = RelationshipTypeValues.CONTAINS
+
+def _finding_items(result: dict, src) -> list:
+    """One image's finding (or "Indeterminate" and why it abstained), per-class
+    probabilities (unvalidated ones marked), validated classes and the source image."""
+    from highdicom.sr import CodeContentItem
+
     validated = list(result.get("validated_classes", []))
     items = []
     if result.get("abstained") or not result.get("label"):
-        finding = _code("abstained", SCHEME, "abstained")
-        items.append(Code(_code("121071", "DCM", "Finding"), finding, contains))
+        items.append(CodeContentItem(_code(*FINDING), _code(*INDETERMINATE), "CONTAINS"))
         reason = str(result.get("abstain_reason") or "abstained")
-        items.append(
-            TextContentItem(_code("abstain-reason", SCHEME, "Abstain reason"), reason, contains)
-        )
+        items.append(_comment(f"Abstained: {reason}"))
     else:
-        label = result["label"]
-        items.append(Code(_code("121071", "DCM", "Finding"), _class_code(label), contains))
+        items.append(CodeContentItem(_code(*FINDING), _class_code(result["label"]), "CONTAINS"))
     for name, p in result["probabilities"].items():
-        mark = "" if name in validated else " (not validated)"
-        concept = _code(f"p-{name}", SCHEME, f"Probability of {name}{mark}")
-        items.append(NumContentItem(concept, float(p), _code(*UCUM_NO_UNITS), None, contains))
-    items.append(
-        TextContentItem(
-            _code("validated-classes", SCHEME, "Validated classes"),
-            ", ".join(validated) or "none",
-            contains,
-        )
-    )
-    items.append(
-        ImageContentItem(
-            _code("121112", "DCM", "Source of Measurement"),
-            src.SOPClassUID,
-            src.SOPInstanceUID,
-            relationship_type=contains,
-        )
-    )
+        note = None if name in validated else f"{name} is not a validated class"
+        items.append(_probability(name, p, note))
+    items.append(_comment(f"Validated classes: {', '.join(validated) or 'none'}"))
+    items.append(_image(src))
     return items
 
 
 def _report(evidence: list, items: list, uid_seed: str, created_at: float):
     """The Comprehensive SR around a content tree's items: evidence, derived UIDs, the
-    not-a-diagnosis comment, the local coding scheme, reproducible dates."""
+    not-a-diagnosis comment, reproducible dates."""
     from highdicom.sr import (
         ComprehensiveSR,
         ContainerContentItem,
         ContentSequence,
-        RelationshipTypeValues,
-        TextContentItem,
     )
 
-    contains = RelationshipTypeValues.CONTAINS
-    comment = TextContentItem(_code("121106", "DCM", "Comment"), NOT_A_DIAGNOSIS, contains)
+    comment = _comment(NOT_A_DIAGNOSIS)
     root = ContainerContentItem(_code("18748-4", "LN", "Diagnostic Imaging Report"))
     root.ContentSequence = ContentSequence([*items, comment], is_root=False)
     sr = ComprehensiveSR(
@@ -180,7 +203,6 @@ def _report(evidence: list, items: list, uid_seed: str, created_at: float):
         series_description="OrthoVision AI result (not a diagnosis)",
     )
     sr.SpecificCharacterSet = "ISO_IR 192"
-    sr.CodingSchemeIdentificationSequence = [_local_scheme()]
     _stamp(sr, created_at)
     return sr
 
@@ -202,53 +224,39 @@ def study_report(
 
     `instances`: (v1 result, DICOM source) pairs of one study; `seed` makes the UIDs (the
     same instances give the same SR, a new instance a new one)."""
-    from highdicom.sr import (
-        ContainerContentItem,
-        ContentSequence,
-        ImageContentItem,
-        NumContentItem,
-        RelationshipTypeValues,
-        TextContentItem,
-    )
+    from highdicom.sr import ContainerContentItem, ContentSequence
 
-    contains = RelationshipTypeValues.CONTAINS
     sources = [source_dataset(source) for _result, source in instances]
     result = study["result"]
-    items = [
-        *_algorithm_items(instances[0][0]["model"]),
-        TextContentItem(_code("study-rule", SCHEME, "Study rule"), result["rule"], contains),
-    ]
-    if result["fracture_probability"] is not None:
-        concept = _code("p-study-fracture", SCHEME, "Study probability of fracture")
-        value = float(result["fracture_probability"])
-        items.append(NumContentItem(concept, value, _code(*UCUM_NO_UNITS), None, contains))
+    items = [*_algorithm_items(instances[0][0]["model"]), _comment(f"Study rule: {result['rule']}")]
     by_request = {r["request_id"]: src for (r, _s), src in zip(instances, sources, strict=True)}
     driver = by_request.get(result["driving_request_id"] or "")
-    if driver is not None:
-        concept = _code("driving-view", SCHEME, "Driving view")
-        items.append(
-            ImageContentItem(
-                concept, driver.SOPClassUID, driver.SOPInstanceUID, relationship_type=contains
-            )
-        )
+    if result["fracture_probability"] is not None:
+        # The study's probability, inferred from its driving view's image.
+        evidence = None if driver is None else _image(driver, "INFERRED FROM")
+        items.append(_probability("fracture", result["fracture_probability"], evidence=evidence))
     for (one, _source), src in zip(instances, sources, strict=True):
-        view = ContainerContentItem(
-            _code("image-finding", SCHEME, "Image finding"), relationship_type=contains
-        )
+        view = ContainerContentItem(_code(*SINGLE_IMAGE_FINDING), relationship_type="CONTAINS")
         view.ContentSequence = ContentSequence(_finding_items(one, src), is_root=False)
         items.append(view)
     return _report(sources, items, seed, created_at)
 
 
-def _local_scheme():
-    """PS3.3 C.12.1.1.4: a private (99...) coding scheme is identified in the object."""
-    from pydicom.dataset import Dataset
-
-    item = Dataset()
-    item.CodingSchemeDesignator = SCHEME
-    item.CodingSchemeName = "OrthoVision Serve local codes"
-    item.CodingSchemeResponsibleOrganization = MANUFACTURER
-    return item
+def read_findings(content) -> dict:
+    """The finding and per-class probabilities back out of one content sequence (an image's
+    items, or a study's top level): {"finding": class or None when abstained,
+    "probabilities": {class: p}}. The inverse of `_finding_items`, for readers and tests."""
+    by_code = {code: name for name, (code, _scheme, _meaning) in CLASS_CODES.items()}
+    out: dict = {"finding": None, "probabilities": {}}
+    for item in content:
+        concept = item.ConceptNameCodeSequence[0].CodeValue
+        if concept == FINDING[0] and item.ValueType == "CODE":
+            out["finding"] = by_code.get(item.ConceptCodeSequence[0].CodeValue)
+        elif concept == PROBABILITY[0]:
+            modifier = next(c for c in item.ContentSequence if c.ValueType == "CODE")
+            name = by_code[modifier.ConceptCodeSequence[0].CodeValue]
+            out["probabilities"][name] = float(item.MeasuredValueSequence[0].NumericValue)
+    return out
 
 
 def secondary_capture(
@@ -278,9 +286,15 @@ def secondary_capture(
     )
     # PS3.3 C.8.6.2: Type 2C, present and empty when unknown (a letterboxed model input).
     sc.PatientOrientation = None
-    # General Series Laterality (Type 2C, paired body parts): the source's, else present
-    # and empty (unknown), never invented.
-    sc.Laterality = source.get("Laterality") or None
+    # General Series Laterality (Type 2C, required for paired body parts): the source's;
+    # absent for an unpaired body part; else present and empty (unknown), never invented.
+    body_part = source.get("BodyPartExamined", "").upper()
+    if source.get("Laterality"):
+        sc.Laterality = source["Laterality"]
+    elif body_part not in UNPAIRED_BODY_PARTS:
+        sc.Laterality = None
+    if body_part:
+        sc.BodyPartExamined = body_part
     sc.SpecificCharacterSet = "ISO_IR 192"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "NO"

@@ -83,6 +83,7 @@ DICOM_SOURCE_ATTRIBUTES = {
     "StudyDescription": 64,
     "SeriesNumber": 12,
     "Laterality": 16,
+    "BodyPartExamined": 16,  # carried to the SC (and read by the scope check)
     "ViewPosition": 16,  # the view of a study's instance (AP, PA, LAT...): study results
 }
 

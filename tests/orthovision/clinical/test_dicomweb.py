@@ -11,7 +11,12 @@ import pytest
 from support.data import FAKE_PATIENT_ID, FAKE_PATIENT_NAME
 from support.images import make_dicom
 
-from orthovision.clinical.dicom_objects import derived_uid, structured_report, to_bytes
+from orthovision.clinical.dicom_objects import (
+    derived_uid,
+    read_findings,
+    structured_report,
+    to_bytes,
+)
 from orthovision.clinical.dicomweb import (
     FailedInstance,
     Part,
@@ -134,5 +139,15 @@ def test_decoded_dicom_source_is_private_and_feeds_the_sr():
     sr = pydicom.dcmread(io.BytesIO(to_bytes(structured_report(result, source, time.time()))))
     assert sr.PatientName == FAKE_PATIENT_NAME and sr.StudyInstanceUID == source["StudyInstanceUID"]
     assert sr.SOPInstanceUID == derived_uid("req-1", "sr") != derived_uid("req-2", "sr")
-    meanings = [i.ConceptNameCodeSequence[0].CodeMeaning for i in sr.ContentSequence]
-    assert "Probability of tumor-benign (not validated)" in meanings
+    assert read_findings(sr.ContentSequence) == {
+        "finding": "fracture",
+        "probabilities": {"fracture": 0.9, "tumor-benign": 0.1},
+    }
+    notes = [
+        note.TextValue
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Probability"
+        for note in item.ContentSequence
+        if note.ValueType == "TEXT"
+    ]
+    assert notes == ["tumor-benign is not a validated class"]
