@@ -197,30 +197,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Offline counterpart of GET /v1/predictions/{id}/report.pdf: classify, explain, PDF."""
+    from orthovision.clinical.figure import report_figure
     from orthovision.clinical.pdf import build_pdf_report
+    from orthovision.imaging.display import display_png
     from orthovision.model.checkpoint import load_checkpoint
-    from orthovision.model.explain import explain, overlay_png
+    from orthovision.model.explain import explain, heatmap_rgba_png, overlay_png
     from orthovision.model.local import LocalPredictor
 
     checkpoint = load_checkpoint(args.checkpoint)
     _warn_if_untrained(checkpoint.card)
     predictor = LocalPredictor(checkpoint)
     try:
-        prediction, prepared = predictor.predict(args.image.read_bytes())
+        data = args.image.read_bytes()
+        prediction, prepared = predictor.predict(data)
     except OSError as exc:
         write_line(f"{args.image}: cannot read file: {exc.strerror}", sys.stderr)
         return EXIT_REJECTED
     except InputError as exc:
         write_line(f"{args.image}: rejected ({exc.code}): {exc.message}", sys.stderr)
         return EXIT_REJECTED
-    overlay = None
+    figure = None
     if not args.no_explain:
         probs = prediction.probabilities
         target = list(probs).index(max(probs, key=probs.get))
-        heat = explain(predictor.model, prepared.pixels, target_class=target).heatmap
+        heat = explain(
+            predictor.model, prepared.pixels, target_class=target, content_box=prepared.content_box
+        ).heatmap
         overlay = overlay_png(prepared.pixels[0], heat, predictor.cfg.explain.overlay_alpha)
+        # Offline the source is at hand: the heat map goes onto its display rendering.
+        source = display_png(data, predictor.cfg.decode)
+        layer = heatmap_rgba_png(heat, prepared.pixels.shape[:0:-1])
+        figure = report_figure(overlay, prepared.content_box, layer, source)
     out = args.out or args.image.with_suffix(".report.pdf")
-    out.write_bytes(build_pdf_report(prediction.model_dump(mode="json"), overlay))
+    out.write_bytes(build_pdf_report(prediction.model_dump(mode="json"), figure))
     write_line(f"wrote {out}")
     return EXIT_OK
 

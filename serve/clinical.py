@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from orthovision.clinical.figure import Figure
 from orthovision.schema import PRIVATE_KEY
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -48,7 +49,7 @@ def created_at(record: dict) -> float:
     return private(record).get("created_at", time.time())
 
 
-def pdf_report(record: dict, overlay: bytes | None, note: str, priors: Sequence[str] = ()) -> bytes:
+def pdf_report(record: dict, figure: Figure | None, note: str, priors: Sequence[str] = ()) -> bytes:
     """The PDF report of a stored prediction: no patient identifiers, only the source's
     SOPInstanceUID to find the image by; `priors`: lines on the patient's prior studies."""
     from orthovision.clinical.pdf import build_pdf_report
@@ -56,7 +57,7 @@ def pdf_report(record: dict, overlay: bytes | None, note: str, priors: Sequence[
     created = dt.datetime.fromtimestamp(created_at(record), dt.timezone.utc)
     source = dicom_source(record) or {}
     sop = {"SOPInstanceUID": source["SOPInstanceUID"]} if source.get("SOPInstanceUID") else None
-    return build_pdf_report(public(record), overlay, note, created, sop, priors)
+    return build_pdf_report(public(record), figure, note, created, sop, priors)
 
 
 def sr_bytes(record: dict, source: dict) -> bytes:

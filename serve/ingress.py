@@ -291,9 +291,9 @@ class Ingress:
     async def report_pdf(self, request: Request, request_id: str) -> Response:
         tenant = self.guard(request, "read")
         record = await self.records.stored(request_id, tenant)
-        overlay, _state, note = await self.records.overlay_png(request_id, record)
+        figure, note = await self.records.report_figure(request_id, record)
         priors = await self.records.priors(record, tenant)
-        pdf = await asyncio.to_thread(clinical.pdf_report, record, overlay, note, priors)
+        pdf = await asyncio.to_thread(clinical.pdf_report, record, figure, note, priors)
         return Response(
             pdf,
             media_type="application/pdf",

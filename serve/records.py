@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from orthovision.clinical.figure import Figure, report_figure
 from serve import clinical, studies
 from serve.http import SAFE_REQUEST_ID, ApiError
 from serve.patients import PATIENT_REF
@@ -102,6 +103,20 @@ class Records:
         if explanation.state == "failed":
             return None, "failed", "The explanation failed."
         return await self.store.get_explanation_png(request_id), "done", ""
+
+    async def report_figure(self, request_id: str, record: dict) -> tuple[Figure | None, str]:
+        """(the report's heat-map figure or None, why there is none): on the kept display
+        rendering of a DICOM input when there is one, else on the unpadded model input."""
+        overlay, _state, note = await self.overlay_png(request_id, record)
+        if overlay is None:
+            return None, note
+        explanation = await self.store.get_explanation(request_id)
+        box = ((explanation and explanation.result) or {}).get("input_box")
+        heatmap = await self.store.get_explanation_png(request_id, "heatmap")
+        figure = await asyncio.to_thread(
+            report_figure, overlay, box, heatmap, clinical.display_png(record)
+        )
+        return figure, ""
 
     # ---- studies and patients ----------------------------------------------------------
     def _settled(self, entries: list[StudyEntry]) -> list[StudyEntry]:

@@ -10,6 +10,8 @@ import datetime as dt
 import io
 from collections.abc import Sequence
 
+from orthovision.clinical.figure import Figure
+
 NOT_A_DIAGNOSIS = (
     "This report is a computer-generated second-opinion aid for a qualified reader. "
     "It is not a diagnosis."
@@ -29,13 +31,13 @@ def _pct(p: float) -> str:
 
 def build_pdf_report(
     result: dict,
-    overlay_png: bytes | None,
+    figure: Figure | None,
     explanation_note: str | None = None,
     generated_at: dt.datetime | None = None,
     source_reference: dict | None = None,
     priors: Sequence[str] = (),
 ) -> bytes:
-    """PDF bytes for a v1 prediction `result`. `overlay_png` is the heat-map overlay, or None
+    """PDF bytes for a v1 prediction `result`. `figure` is the heat map (figure.py), or None
     with `explanation_note` saying why there is none."""
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
@@ -125,9 +127,12 @@ def build_pdf_report(
         story.append(para(f"- {f['severity']}: {f['check']}: {f['message']}"))
 
     story.append(para("Heat map (GradCAM++)", h2))
-    if overlay_png:
-        story.append(Image(io.BytesIO(overlay_png), width=60 * mm, height=60 * mm, hAlign="LEFT"))
-        story.append(para("Overlay on the 224x224 model input (letterboxed, CLAHE)."))
+    if figure:
+        # At most 90 x 90 mm, the image's own aspect ratio.
+        scale = 90 * mm / max(figure.width, figure.height)
+        size = {"width": figure.width * scale, "height": figure.height * scale}
+        story.append(Image(io.BytesIO(figure.png), **size, hAlign="LEFT"))
+        story.append(para(figure.caption))
     else:
         story.append(para(explanation_note or "No explanation was requested for this image."))
 

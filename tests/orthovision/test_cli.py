@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from support.images import (
     make_png_header_only,
     radiograph,
 )
+from support.pdf import pdf_text
 
 from orthovision.cli import main
 from orthovision.config import ModelConfig, OrthoVisionConfig
@@ -205,3 +207,13 @@ def test_shipped_model_abstains_on_the_chest_film_and_the_phantom():
     codes = [r["abstain_code"] for r in results]
     assert all(r["abstained"] and r["label"] is None for r in results)
     assert codes == ["out_of_scope", "out_of_distribution"], codes
+
+
+@pytest.mark.skipif(not shutil.which("pdftotext"), reason="poppler-utils not installed")
+def test_report_puts_the_heat_map_on_the_source_image(tiny_checkpoint, tmp_path):
+    path = tmp_path / "tall.png"
+    path.write_bytes(make_png(radiograph(h=300, w=150)))
+    out = tmp_path / "r.pdf"
+    assert main(["report", str(path), "--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 0
+    text = " ".join(pdf_text(out.read_bytes()).split())
+    assert "Heat map on the source image (150x300 px" in text

@@ -141,6 +141,8 @@ def test_pdf_report_renders_with_heatmap_and_statement(live_app, explained_dicom
     assert result["model"]["sha256"] in text.replace("\n", "").replace(" ", "")
     assert "NOT VALIDATED" in text and "Validated classes: fracture, non-affected" in text
     assert "No explanation was requested" not in text
+    # No display rendering was kept for this input: the unpadded model input, said so.
+    assert "letterbox padding removed" in " ".join(text.split())
     # The live app's checkpoint carries an OOD detector: its score is in the report.
     assert f"Out-of-distribution score: {result['ood_score']:.2f}" in text
     images = subprocess.run(
@@ -150,6 +152,19 @@ def test_pdf_report_renders_with_heatmap_and_statement(live_app, explained_dicom
     source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     for value in (str(source.get("PatientName", "")), str(source.get("PatientID", ""))):
         assert not value or value not in text
+
+
+@requires_poppler
+def test_pdf_report_maps_the_heat_map_onto_the_kept_source_image(live_app):
+    data = make_dicom(pixels=radiograph(h=400, w=200).astype(np.uint16) << 2)
+    r = live_app.client.post("/v1/predict?explain=true&display=true", content=data)
+    assert r.status_code == 200, r.text
+    rid = r.json()["request_id"]
+    wait_explained(live_app.client, rid)
+    pdf = live_app.client.get(f"/v1/predictions/{rid}/report.pdf")
+    assert pdf.status_code == 200
+    text = " ".join(pdf_text(pdf.content).split())
+    assert "Heat map on the source image (200x400 px" in text
 
 
 @requires_poppler

@@ -122,11 +122,7 @@ def test_outputs_from_each_shared_dicom_add_no_error_or_warning(tmp_path, name):
         structured_report(RESULT, source, 1.7e9),
         secondary_capture(overlay, RESULT, source, 1.7e9),
     ):
-        new = [
-            line
-            for line in findings(tmp_path, to_bytes(made))
-            if what(line) not in own
-        ]
+        new = [line for line in findings(tmp_path, to_bytes(made)) if what(line) not in own]
         assert [line for line in new if line.startswith("Error")] == []
         # A source without Laterality (and a paired or unknown body part) leaves it unknown.
         assert [line for line in new if UNKNOWN_LATERALITY not in line] == []
