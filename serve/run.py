@@ -15,6 +15,7 @@ from ray import serve
 from orthovision.client.readiness import wait_http_ok
 from orthovision.model.card import read_card
 from serve.app import AppArgs, build_app
+from serve.auth import is_loopback
 from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path
 from serve.shedding import proxy_environment
@@ -42,11 +43,15 @@ def start(config_file: Path, num_cpus: int | None = None) -> str:
     # The proxy sheds overload itself (serve/shedding.py); it inherits this environment too.
     s = cfg.serve
     os.environ.update(proxy_environment(s.proxy_max_inflight, s.security.header))
+    # A service on loopback keeps Ray there too: with node IP 127.0.0.1, Ray binds its GCS,
+    # raylet, object manager, workers and agents (metrics port included) to loopback only;
+    # otherwise they listen on every interface (an open Ray port is remote code execution).
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         configure_logging=False,
         ignore_reinit_error=True,
+        _node_ip_address="127.0.0.1" if is_loopback(s.host) else None,
         _metrics_export_port=cfg.serve.metrics_export_port,
     )
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

@@ -3,6 +3,7 @@ with a key, refuse without one, and stop cleanly on SIGINT."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 import yaml
 from support.checkpoints import TINY_BACKBONES, save_tiny_checkpoint
@@ -19,6 +21,19 @@ from orthovision.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.serve
 ROOT = PROJECT_ROOT
+
+
+def listening_addresses(pid: int) -> set[tuple[str, str]]:
+    """(ip, port) of every listening TCP socket of the process and its descendants."""
+    root = psutil.Process(pid)
+    found = set()
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        found |= {(c.laddr.ip, str(c.laddr.port)) for c in conns if c.status == psutil.CONN_LISTEN}
+    return found
 
 
 def test_serve_command_starts_with_auth_on(tmp_path):
@@ -63,6 +78,11 @@ def test_serve_command_starts_with_auth_on(tmp_path):
         # The configured metrics port answers (README: curl 127.0.0.1:8080/metrics).
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
         assert metrics.status_code == 200 and "ray_" in metrics.text
+        # On loopback, nothing of the service tree (Ray's GCS, raylet, agents, workers,
+        # the proxy) listens on another interface.
+        listening = listening_addresses(proc.pid)
+        assert str(port) in {p for _ip, p in listening} and len(listening) >= 5
+        assert [a for a in listening if not ipaddress.ip_address(a[0]).is_loopback] == []
     finally:
         proc.send_signal(signal.SIGINT)
         try:
