@@ -16,8 +16,8 @@ def preset(name: str) -> OrthoVisionConfig:
                 device="cpu",
                 # A 32-image batch request fans out 32 preprocess calls at once. Queued in the
                 # replica they cost nothing; queued in the caller's router they are re-probed
-                # until a slot frees: 16 doubled /v1/predict/batch images per CPU-second
-                # (3.3 -> 6.7, docs/PERFORMANCE.md) at an unchanged /v1/predict c=8.
+                # until a slot frees, burning the CPU the batch needs: 16 keeps them in the
+                # replica's queue.
                 preprocessor=base.preprocessor.model_copy(update={"max_ongoing_requests": 16}),
                 # One ingress gathers the images already (serve/gather.py): a backbone that
                 # waited for more calls would only idle the CPU that is the bottleneck.
