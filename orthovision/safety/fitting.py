@@ -10,7 +10,7 @@ measured beside the Mahalanobis score that the service uses.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +194,6 @@ def attach_safety(
     train_labels: np.ndarray,
     val_px: np.ndarray,
     out_dir: Path,
-    val_groups: Sequence[str] | None = None,
 ) -> dict:
     """Fit the OOD detector (train split features, validation threshold), write it beside
     the weights, and add `ood`, `scope` and `drift_baseline` to the card (returned)."""
@@ -205,7 +204,7 @@ def attach_safety(
     train_features, _ = branch_outputs(model, train_px)
     val_features, val_logits = branch_outputs(model, val_px)  # one pass: features and logits
     section, val_scores = fit_for_checkpoint(
-        train_features, np.asarray(train_labels), val_features, out_dir, val_groups
+        train_features, np.asarray(train_labels), val_features, out_dir
     )
     card["ood"] = section
     card["scope"] = scope_for(card)
@@ -228,12 +227,11 @@ def fit_checkpoint_ood(
     ckpt = load_checkpoint(checkpoint)
     classes = list(ckpt.config.model.classes)
     train, train_px, _ = split_samples(ckpt, data_path, "train", cache_dir)
-    val, val_px, _ = split_samples(ckpt, data_path, "val", cache_dir)
+    _, val_px, _ = split_samples(ckpt, data_path, "val", cache_dir)
     labels = np.asarray([classes.index(s.label) for s in train])
     card_path = Path(checkpoint) / CARD_FILE
     card = json.loads(card_path.read_text())
-    groups = [s.group for s in val]
-    card = attach_safety(card, ckpt.model, train_px, labels, val_px, Path(checkpoint), groups)
+    card = attach_safety(card, ckpt.model, train_px, labels, val_px, Path(checkpoint))
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card["ood"]
 

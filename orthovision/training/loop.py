@@ -180,9 +180,7 @@ def write_card(
     }
     # "Not for me": the OOD detector on this model's features, scope, drift baseline.
     train_px, val_px = data.pixels[data.indices("train")], data.pixels[data.indices("val")]
-    card = attach_safety(
-        card, stored, train_px, data.targets("train"), val_px, out_dir, data.groups("val")
-    )
+    card = attach_safety(card, stored, train_px, data.targets("train"), val_px, out_dir)
     extra = {k: card[k] for k in card if k not in ("classes", "validated_classes", "data")}
     extra["notes"] = card_notes(cfg, validated)
     save_checkpoint(

@@ -14,7 +14,7 @@ from support.liveapp import add_ood_detector
 
 from orthovision.model.checkpoint import load_checkpoint
 from orthovision.model.local import LocalPredictor
-from orthovision.safety.ood import OODDetector, conformal_threshold
+from orthovision.safety.ood import OODDetector
 from orthovision.safety.scope import out_of_scope
 
 
@@ -154,25 +154,3 @@ def test_api_abstains_on_the_shared_chest_film(live_app):
     body = (SHARED / "dicom" / "RG1_J2KI.dcm").read_bytes()
     r = post_with_retry(live_app.client, "/v1/predict", content=body)
     assert r.status_code == 200 and r.json()["abstain_code"] == "out_of_scope"
-
-
-def test_conformal_threshold_counts_groups_not_copies():
-    # 39 groups of one image and one group of 20 near-copies holding the 20 highest scores.
-    scores = np.concatenate([np.arange(39.0), 100 + np.arange(20.0)])
-    groups = [f"g{i}" for i in range(39)] + ["copies"] * 20
-    # 40 groups, alpha 0.05: the ceil(41 * 0.95) = 39th smallest group maximum.
-    assert conformal_threshold(scores, groups, 0.05) == 38.0
-    # Counting copies as independent images would have set it inside the copies' range.
-    assert conformal_threshold(scores, None, 0.05) >= 100
-    # Too few groups to bound the rate at alpha: the highest score, nothing abstained.
-    assert conformal_threshold(np.array([1.0, 2.0, 3.0]), ["a", "b", "c"], 0.05) == 3.0
-
-
-def test_conformal_threshold_holds_its_rate_on_fresh_in_distribution_groups():
-    rng = np.random.default_rng(0)
-    rates = []
-    for _ in range(200):
-        val = rng.normal(size=60)  # 60 groups of one image
-        fresh = rng.normal(size=2000)
-        rates.append(np.mean(fresh > conformal_threshold(val, None, 0.05)))
-    assert np.mean(rates) <= 0.05 + 0.005  # the guarantee is in expectation
