@@ -25,6 +25,12 @@ INTENDED_USE = (
 )
 
 
+HEAT_MAP_NOTE = (
+    "The heat map shows where the model looked for its answer (GradCAM++), not where a "
+    "lesion is; it is masked to the exposed field (docs/DESIGN.md, Heat maps)."
+)
+
+
 def _pct(p: float) -> str:
     return f"{100.0 * p:.1f}%"
 
@@ -133,6 +139,7 @@ def build_pdf_report(
         size = {"width": figure.width * scale, "height": figure.height * scale}
         story.append(Image(io.BytesIO(figure.png), **size, hAlign="LEFT"))
         story.append(para(figure.caption))
+        story.append(para(HEAT_MAP_NOTE, small))
     else:
         story.append(para(explanation_note or "No explanation was requested for this image."))
 
