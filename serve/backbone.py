@@ -11,6 +11,7 @@ from ray import serve
 
 from orthovision.model.engine import OnnxEngine
 from orthovision.model.pipeline import PreparedBatch
+from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -25,6 +26,7 @@ log = logging.getLogger("ray.serve")
 
 class Backbone:
     def __init__(self, branch: str, config: dict) -> None:
+        confine_replica_grpc()
         cfg = config_from(config)
         self.branch = branch
         cpu = not may_use_cuda(cfg.serve.device)

@@ -7,6 +7,7 @@ The library (`orthovision.cli`) never imports this package; this module extends 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,13 @@ from orthovision.paths import PROJECT_ROOT
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from serve.auth import is_loopback
+    from serve.loopback import LOOPBACK_RAY
+    from serve.manifests.serve_config import load_serve_file
+
+    if is_loopback(load_serve_file(args.config).serve.host):
+        # Read once, when Ray is first imported: set before serve.run imports it.
+        os.environ.setdefault(*LOOPBACK_RAY)
     from serve.run import run
 
     return run(args.config)

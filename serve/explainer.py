@@ -11,6 +11,7 @@ import time
 from ray import serve
 
 from orthovision.model.pipeline import Prepared, PreparedBatch
+from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -24,6 +25,7 @@ from serve.store import LayerKind, open_store
 
 class Explainer:
     def __init__(self, config: dict) -> None:
+        confine_replica_grpc()
         self.cfg = config_from(config)
         threads, niceness = 1, 0
         if not may_use_cuda(self.cfg.serve.device):

@@ -43,15 +43,15 @@ def start(config_file: Path, num_cpus: int | None = None) -> str:
     # The proxy sheds overload itself (serve/shedding.py); it inherits this environment too.
     s = cfg.serve
     os.environ.update(proxy_environment(s.proxy_max_inflight, s.security.header))
-    # A service on loopback keeps Ray there too: with node IP 127.0.0.1, Ray binds its GCS,
-    # raylet, object manager, workers and agents (metrics port included) to loopback only;
-    # otherwise they listen on every interface (an open Ray port is remote code execution).
+    # A service on loopback keeps Ray there too (serve/loopback.py, set before Ray is
+    # imported); a caller that imported Ray first gets a warning, not a silent bind.
+    if is_loopback(s.host) and ray.util.get_node_ip_address() != "127.0.0.1":
+        log.warning("Ray listens beyond loopback: start it through `orthovision serve`")
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         configure_logging=False,
         ignore_reinit_error=True,
-        _node_ip_address="127.0.0.1" if is_loopback(s.host) else None,
         _metrics_export_port=cfg.serve.metrics_export_port,
     )
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})

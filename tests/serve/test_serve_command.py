@@ -23,6 +23,11 @@ pytestmark = pytest.mark.serve
 ROOT = PROJECT_ROOT
 
 
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
 def listening_addresses(pid: int) -> set[tuple[str, str]]:
     """(ip, port) of every listening TCP socket of the process and its descendants."""
     root = psutil.Process(pid)
@@ -82,7 +87,7 @@ def test_serve_command_starts_with_auth_on(tmp_path):
         # the proxy) listens on another interface.
         listening = listening_addresses(proc.pid)
         assert str(port) in {p for _ip, p in listening} and len(listening) >= 5
-        assert [a for a in listening if not ipaddress.ip_address(a[0]).is_loopback] == []
+        assert [a for a in listening if not is_loopback(a[0])] == [], listening
     finally:
         proc.send_signal(signal.SIGINT)
         try:
