@@ -134,8 +134,8 @@ def build_pdf_report(
 
     story.append(para("Heat map (GradCAM++)", h2))
     if figure:
-        # At most 90 x 90 mm, the image's own aspect ratio.
-        scale = 90 * mm / max(figure.width, figure.height)
+        # At most 60 x 60 mm (the report stays one page), the image's own aspect ratio.
+        scale = 60 * mm / max(figure.width, figure.height)
         size = {"width": figure.width * scale, "height": figure.height * scale}
         story.append(Image(io.BytesIO(figure.png), **size, hAlign="LEFT"))
         story.append(para(figure.caption))
