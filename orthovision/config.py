@@ -198,6 +198,68 @@ class RetentionConfig(_Strict):
         return max(1, round(days * DAY_S))
 
 
+AE_TITLE = r"^[ -\[\]-~]{1,16}$"  # PS3.5: 16 chars of the default repertoire, no backslash
+
+
+class DicomDestination(_Strict):
+    """A DICOM node results are sent to by C-STORE (the hospital's PACS)."""
+
+    ae_title: str = Field(pattern=AE_TITLE)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DicomPeer(_Strict):
+    """A calling AE title allowed to send studies, the tenant its instances belong to, and
+    where that tenant's results go (else the node's default destination)."""
+
+    ae_title: str = Field(pattern=AE_TITLE)
+    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")
+    send_results_to: DicomDestination | None = None
+
+
+class DicomNodeConfig(_Strict):
+    """The DICOM node (serve/dicom_node): C-STORE in, the same pipeline as HTTP (it calls
+    the service's STOW-RS with the tenant's key), SR (and SC) back by C-STORE from a
+    persistent outbox. docs/OPERATIONS.md: pointing a PACS at it."""
+
+    enabled: bool = False
+    ae_title: str = Field("ORTHOVISION", pattern=AE_TITLE)
+    host: str = "127.0.0.1"  # loopback unless a deployment says otherwise
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests, benchmarks)
+    peers: tuple[DicomPeer, ...] = ()
+    send_results_to: DicomDestination | None = None  # default destination
+    send_sc: bool = False  # also the heat-map Secondary Capture (makes the explanation)
+    # Limits: associations in all and per calling AE, PDU size, and instances received but
+    # not yet classified (beyond it C-STORE answers 0xA700 Out of Resources).
+    max_associations: int = Field(16, ge=1)
+    max_associations_per_peer: int = Field(4, ge=1)
+    max_pdu_bytes: int = Field(65536, ge=4096)
+    max_in_flight: int = Field(64, ge=1)
+    # Instances per STOW-RS request to the service (a C-STORE burst leaves as batches),
+    # and how many such requests may be in flight.
+    batch_size: int = Field(8, ge=1)
+    workers: int = Field(2, ge=1)
+    # Inbox and outbox: one SQLite file that survives restarts (a volume on Kubernetes).
+    queue_path: str = "/tmp/orthovision/dicom-node.sqlite3"
+    # The service's base URL; None: http://{serve.host}:{serve.port} (the local service).
+    service_url: str | None = None
+    # `tenant=key,...`: the API key the node uses for each tenant (a Kubernetes Secret).
+    api_keys_env: str = "ORTHOVISION_NODE_API_KEYS"
+    retry_base_s: float = Field(2.0, gt=0)
+    retry_max_s: float = Field(300.0, gt=0)
+    # Prometheus metrics of the node (outbox depth and age), on `host`.
+    metrics_port: int = Field(9102, ge=1, le=65535)
+
+    def destination(self, tenant: str) -> DicomDestination | None:
+        """Where `tenant`'s results go: its peer's own destination, else the default."""
+        own = next((p.send_results_to for p in self.peers if p.tenant == tenant), None)
+        return own or self.send_results_to
+
+    def tenant_of(self, calling_ae: str) -> str | None:
+        return next((p.tenant for p in self.peers if p.ae_title == calling_ae.strip()), None)
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -239,6 +301,7 @@ class ServeConfig(_Strict):
     # Prometheus export port of the local Ray node under `orthovision serve` (fixed, so
     # `curl 127.0.0.1:8080/metrics` works; Ray's default is a random port).
     metrics_export_port: int = Field(8080, ge=1, le=65535)
+    dicom_node: DicomNodeConfig = DicomNodeConfig()
     ingress: DeploymentConfig = DeploymentConfig(
         num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=64, access_log=True
     )

@@ -60,15 +60,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def key_pairs(value: str | None) -> dict[str, str]:
+    """`tenant=key[,tenant=key...]` (a Secret's value) -> {tenant: key}."""
+    pairs = {}
+    for item in filter(None, (part.strip() for part in (value or "").split(","))):
+        tenant_id, sep, key = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError("API keys must look like tenant=key[,tenant=key...]")
+        pairs[tenant_id.strip()] = key.strip()
+    return pairs
+
+
 def tenants_from_env(value: str | None, defaults: TenantConfig | None = None) -> list[TenantConfig]:
     """`tenant=key[,tenant=key...]` (the Secret's value) -> tenants with hashed keys."""
     tenants = []
-    for item in filter(None, (part.strip() for part in (value or "").split(","))):
-        tenant_id, sep, key = item.partition("=")
-        if not sep or not key:
-            raise ValueError("API keys must look like tenant=key[,tenant=key...]")
+    for tenant_id, key in key_pairs(value).items():
         base = defaults.model_dump() if defaults else {}
-        base.update(id=tenant_id.strip(), key_sha256=hash_key(key.strip()))
+        base.update(id=tenant_id, key_sha256=hash_key(key))
         tenants.append(TenantConfig.model_validate(base))
     return tenants
 

@@ -1,5 +1,6 @@
 """The `orthovision` console script: the library's commands plus the serving package's
-`serve` (run the HTTP service on a local Ray) and `render` (write deploy/ and k8s/).
+`serve` (run the HTTP service on a local Ray), `dicom-node` (the DICOM node alone) and
+`render` (write deploy/ and k8s/).
 
 The library (`orthovision.cli`) never imports this package; this module extends its parser.
 """
@@ -28,6 +29,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
+def cmd_dicom_node(args: argparse.Namespace) -> int:
+    from serve.dicom_node.run import load_serve_file, run_node
+
+    return run_node(load_serve_file(args.config), args.port)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from serve.manifests.cluster import ClusterSpec
     from serve.manifests.monitoring import served_drift_baseline
@@ -50,6 +57,13 @@ def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="run the HTTP service on a local Ray")
     p.add_argument("--config", type=Path, default=PROJECT_ROOT / "deploy" / "local.yaml")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "dicom-node", help="run the DICOM node alone (C-STORE in, SR/SC out; docs/OPERATIONS.md)"
+    )
+    p.add_argument("--config", type=Path, default=PROJECT_ROOT / "deploy" / "local.yaml")
+    p.add_argument("--port", type=int, help="listen here instead of dicom_node.port")
+    p.set_defaults(func=cmd_dicom_node)
 
     p = sub.add_parser("render", help="write deploy/*.yaml and k8s/* from the config presets")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "deploy")

@@ -13,9 +13,11 @@ import ray
 from ray import serve
 
 from orthovision.client.readiness import wait_http_ok
+from orthovision.config import OrthoVisionConfig
 from orthovision.model.card import read_card
 from serve.app import AppArgs, build_app
 from serve.auth import is_loopback
+from serve.dicom_node.node import DicomNode
 from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path
 from serve.shedding import proxy_environment
@@ -61,6 +63,17 @@ def start(config_file: Path, num_cpus: int | None = None) -> str:
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
+def start_dicom_node(cfg: OrthoVisionConfig) -> DicomNode | None:
+    """The DICOM node beside the local service, when the config enables it."""
+    if not cfg.serve.dicom_node.enabled:
+        return None
+    from serve.dicom_node.run import build_node
+
+    node = build_node(cfg)
+    node.start()
+    return node
+
+
 def run(config_file: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> int:
     url = start(config_file)
     out = sys.stdout
@@ -79,6 +92,10 @@ def run(config_file: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> int:
             + "\n"
         )
     out.write(f"\nOrthoVision Serve is ready at {url}  (API docs: {url}/docs). Ctrl-C stops it.\n")
+    node = start_dicom_node(load_serve_file(config_file))
+    if node is not None:
+        n = node.cfg
+        out.write(f"DICOM node {n.ae_title} listens on {n.host}:{node.port} (C-STORE in).\n")
     out.flush()
     # Own handlers: Ray's driver may replace Python's default SIGINT handler.
     stop = threading.Event()
@@ -89,6 +106,8 @@ def run(config_file: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> int:
             pass
         out.write("stopping...\n")
     finally:
+        if node is not None:
+            node.stop()
         serve.shutdown()
         ray.shutdown()
     out.write("stopped.\n")

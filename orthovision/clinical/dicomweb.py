@@ -26,6 +26,17 @@ class Part:
     data: bytes
 
 
+def related_body(parts: Sequence[bytes], boundary: str) -> bytes:
+    """A `multipart/related; type="application/dicom"` body of Part 10 instances (a STOW-RS
+    request: the DICOM node's and the tests')."""
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    return b"".join(head + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
+
+
+def related_content_type(boundary: str) -> str:
+    return f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
 def related_boundary(content_type: str) -> str:
     """The boundary of a `multipart/related; type="application/dicom"` body, else an error
     (415 for another media type: PS3.18 10.5.1.2 accepts application/dicom here)."""

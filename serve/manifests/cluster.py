@@ -56,6 +56,10 @@ class ClusterSpec(BaseModel):
     # The namespace of the ingress controller that terminates TLS in front of port 8000.
     ingress_namespace: str = "ingress-nginx"
     checkpoint_dir: str = "/home/ray/orthovision/models/default"
+    # The DICOM node (k8s/dicom-node.yaml): the hospital networks allowed to reach port
+    # 11112 (its AE allow-list still applies) and each replica's inbox/outbox volume.
+    dicom_peer_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
+    dicom_node_storage: str = "20Gi"
     head: PodSize = PodSize(cpu=2, memory="8Gi")
     cpu_worker: PodSize = PodSize(cpu=4, memory="8Gi")
     gpu_worker: PodSize = PodSize(cpu=4, memory="24Gi", gpu=1)
@@ -66,6 +70,10 @@ class ClusterSpec(BaseModel):
     queue_alert_fraction: float = 0.5
     # The served checkpoint card's `drift_baseline` (validation split): drift alert levels.
     drift_baseline: dict | None = None
+
+    @property
+    def dicom_node_name(self) -> str:
+        return f"{self.name}-dicom-node"
 
 
 def ray_version() -> str:

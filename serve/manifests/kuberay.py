@@ -369,6 +369,7 @@ def network_policies(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
     themselves and the dashboard from the KubeRay operator: never from outside the cluster.
     """
     ray_pods = {"podSelector": {"matchLabels": {APP_LABEL: "orthovision"}}}
+    dicom_node = {"podSelector": {"matchLabels": {APP_LABEL: spec.dicom_node_name}}}
 
     def ns(name: str) -> dict:
         return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
@@ -395,8 +396,8 @@ def network_policies(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
                 {"from": [ns(spec.operator_namespace)], "ports": tcp(DASHBOARD_PORT)},
                 {"from": [ns(spec.monitoring_namespace)], "ports": tcp(METRICS_PORT)},
                 # The HTTP API, from the ingress controller only (it terminates TLS; the API
-                # authenticates with API keys).
-                {"from": [ns(spec.ingress_namespace)], "ports": tcp(cfg.serve.port)},
+                # authenticates with API keys), and from the DICOM node (k8s/dicom-node.yaml).
+                {"from": [ns(spec.ingress_namespace), dicom_node], "ports": tcp(cfg.serve.port)},
             ],
         ),
         policy(

@@ -96,7 +96,40 @@ def alert_rules(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
                     },
                 }
             )
-    return rules + drift_rules(spec.drift_baseline)
+    return rules + dicom_node_rules(cfg) + drift_rules(spec.drift_baseline)
+
+
+OUTBOX_STALLED_S = 900  # a PACS down this long is an incident, not a blip
+
+
+def dicom_node_rules(cfg: OrthoVisionConfig) -> list[dict]:
+    """The DICOM node's outbox (results a PACS has not confirmed) and inbox (instances held)."""
+    held = cfg.serve.dicom_node.max_in_flight
+    full = math.ceil(0.9 * held)
+    return [
+        {
+            "alert": "OrthoVisionDicomOutboxStalled",
+            "expr": f"max(orthovision_dicom_outbox_oldest_age_seconds) > {OUTBOX_STALLED_S}",
+            "for": "5m",
+            "labels": {"severity": "page"},
+            "annotations": {
+                "summary": f"a result has waited over {OUTBOX_STALLED_S // 60} min for its "
+                "PACS to confirm it (nothing is lost: the outbox keeps retrying)",
+                "runbook": "docs/OPERATIONS.md#dicom-node",
+            },
+        },
+        {
+            "alert": "OrthoVisionDicomInboxFull",
+            "expr": f"max(orthovision_dicom_inbox_instances) >= {full}",
+            "for": "10m",
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": f"the DICOM node holds {full}+ of its {held} instances in flight: "
+                "PACS pushes get 0xA700 and retry",
+                "runbook": "docs/OPERATIONS.md#dicom-node",
+            },
+        },
+    ]
 
 
 DRIFT_FLOOR = 0.001  # a label never seen in a window counts as 0.1% (PSI needs no zeros)

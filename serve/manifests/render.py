@@ -9,6 +9,7 @@ import yaml
 
 from orthovision.config import OrthoVisionConfig
 from serve.manifests.cluster import ClusterSpec
+from serve.manifests.dicom_node import dicom_node, dicom_node_policy
 from serve.manifests.kuberay import network_policies, rayservice, redis
 from serve.manifests.monitoring import dashboard_text, monitoring, served_drift_baseline
 from serve.manifests.presets import preset
@@ -37,8 +38,9 @@ def manifests(cfg: OrthoVisionConfig, spec: ClusterSpec) -> dict[str, list[dict]
     return {
         "rayservice.yaml": [rayservice(cfg, spec)],
         "redis.yaml": redis(spec),
-        "network-policy.yaml": network_policies(cfg, spec),
+        "network-policy.yaml": [*network_policies(cfg, spec), dicom_node_policy(cfg, spec)],
         "monitoring.yaml": monitoring(cfg, spec),
+        "dicom-node.yaml": dicom_node(cfg, spec),
     }
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from support.data import SHARED
 from support.images import make_dicom, make_png
 from support.liveapp import KEY, radiograph
+from support.polling import wait_for
 
 pytestmark = pytest.mark.serve
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
@@ -84,15 +84,6 @@ def scale(card) -> float:
     return float(card.locator("[data-testid=viewport]").get_attribute("data-scale"))
 
 
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    """Poll from Python: the viewer's CSP (script-src 'self') forbids the string
-    evaluation behind page.wait_for_function once it has to poll."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
     from PIL import Image
 
@@ -157,7 +148,9 @@ def test_viewer_upload_shows_api_label_and_heatmap(live_app, browser, tmp_path):
     vx, vy, vw, vh = rect(viewport)
     page.mouse.move(vx + vw / 2, vy + vh / 2)
     page.mouse.wheel(0, -300)
-    wait_until(lambda: scale(card) > fit * 1.3)
+    # Polled from Python: the viewer's CSP (script-src 'self') forbids the string evaluation
+    # behind page.wait_for_function once it has to poll.
+    assert wait_for(lambda: scale(card) > fit * 1.3, 10)
     before = rect(base)
     page.mouse.down()
     page.mouse.move(vx + vw / 2 + 60, vy + vh / 2 + 30, steps=4)

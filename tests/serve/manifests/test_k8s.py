@@ -312,7 +312,9 @@ def test_control_ports_stay_inside_the_cluster():
         for rule in policy["spec"]["ingress"]:
             ports = {p["port"] for p in rule.get("ports", [])}
             sources = rule.get("from", [])
-            assert all("ipBlock" not in s for s in sources)
+            # Addresses outside the cluster reach the DICOM node's C-STORE port only.
+            dicom_port = preset("gpu").serve.dicom_node.port
+            assert all("ipBlock" not in s for s in sources) or ports == {dicom_port}
             if not sources:  # open to anyone: only the HTTP API
                 assert ports and not ports & control, rule
     assert CLUSTER["headGroupSpec"]["serviceType"] == "ClusterIP"
@@ -350,7 +352,7 @@ def test_dashboard_shows_what_an_sre_needs_from_metrics_that_exist():
                 assert f'"orthovision_{metric}"' in metrics_src, metric
 
 
-def test_http_port_is_open_to_the_ingress_controller_only():
+def test_http_port_is_open_to_the_ingress_controller_and_the_dicom_node_only():
     (ray_policy,) = [
         p for p in DOCS["network-policy.yaml"] if p["metadata"]["name"] == "orthovision-ray"
     ]
@@ -362,8 +364,13 @@ def test_http_port_is_open_to_the_ingress_controller_only():
         if {"protocol": "TCP", "port": 8000} in r.get("ports", [])
     ]
     (rule,) = http
-    labels = rule["from"][0]["namespaceSelector"]["matchLabels"]
-    assert labels == {"kubernetes.io/metadata.name": "ingress-nginx"}
+    ingress, node = rule["from"]
+    assert ingress["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ingress-nginx"
+    }
+    assert node["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "orthovision-dicom-node"
+    }
 
 
 def test_ray_pods_run_restricted():

@@ -1,0 +1,1 @@
+"""The DICOM node: receive studies by C-STORE, send SR/SC back from a persistent outbox."""
