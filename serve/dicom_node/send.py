@@ -50,7 +50,11 @@ def deliver(ae_title: str, results: Sequence[Result], timeout_s: float = 30.0) -
     sent, failed = [], []
     try:
         for result, dataset in zip(results, datasets, strict=True):
-            status = assoc.send_c_store(dataset)
+            try:
+                status = assoc.send_c_store(dataset)
+            except ValueError:  # the destination accepted no context for this SOP class
+                failed.append(result)
+                continue
             code = getattr(status, "Status", None)
             (sent if code is not None and confirmed(code) else failed).append(result)
             if not assoc.is_established:  # aborted mid-round: the rest waits

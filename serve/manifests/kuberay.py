@@ -11,6 +11,8 @@ CPU_NODE_RESOURCE (ingress, preprocessing, fusion) and a GPU worker group advert
 MODEL_NODE_RESOURCE (backbones, explainer); each deployment asks for one unit of one of
 them through `DeploymentConfig.resources`. The Ray autoscaler (in-tree) adds pods of the
 group whose resource a pending replica needs.
+Over 400 lines: the RayService, Redis and the network policies share the pod and
+container helpers at the top, and a reviewer checks each object against them on one page.
 """
 
 from __future__ import annotations

@@ -41,6 +41,20 @@ def listening_addresses(pid: int) -> set[tuple[str, str]]:
     return found
 
 
+def c_echo(calling_ae: str, port: int) -> int | None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ORTHOVISION")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_echo()
+    assoc.release()
+    return status.Status
+
+
 def test_serve_command_starts_with_auth_on(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     doc = yaml.safe_load((ROOT / "deploy" / "local.yaml").read_text())
@@ -54,9 +68,19 @@ def test_serve_command_starts_with_auth_on(tmp_path):
         store_url=f"sqlite:///{tmp_path / 'store' / 'db'}",
     )
     config["serve"].setdefault("security", {})["auth"] = "api-key"
+    # The DICOM node starts beside the service when the config enables it.
+    node_port, node_metrics = free_port(), free_port()
+    config["serve"]["dicom_node"].update(
+        enabled=True,
+        port=node_port,
+        metrics_port=node_metrics,
+        peers=[{"ae_title": "TESTPACS", "tenant": "clinic"}],
+        queue_path=str(tmp_path / "node" / "queue.sqlite3"),
+    )
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(doc))
-    env = {**os.environ, "ORTHOVISION_API_KEYS": "clinic=serve-test-key"}
+    keys = "clinic=serve-test-key"
+    env = {**os.environ, "ORTHOVISION_API_KEYS": keys, "ORTHOVISION_NODE_API_KEYS": keys}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.commands", "serve", "--config", str(path)],
         cwd=ROOT,
@@ -71,9 +95,10 @@ def test_serve_command_starts_with_auth_on(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             line = proc.stdout.readline()
             lines.append(line)
-            if "is ready at" in line:
+            if "DICOM node" in line:
                 break
         assert any("is ready at" in line for line in lines), "".join(lines)[-3000:]
+        assert f"127.0.0.1:{node_port}" in lines[-1], "".join(lines)[-3000:]
         # A start within the ready timeout is not reported as slow (serve/run.py).
         assert not any("to be scheduled" in line for line in lines), "".join(lines)[-3000:]
         url = f"http://127.0.0.1:{port}"
@@ -86,8 +111,10 @@ def test_serve_command_starts_with_auth_on(tmp_path):
         # On loopback, nothing of the service tree (Ray's GCS, raylet, agents, workers,
         # the proxy) listens on another interface.
         listening = listening_addresses(proc.pid)
-        assert str(port) in {p for _ip, p in listening} and len(listening) >= 5
+        ports = {p for _ip, p in listening}
+        assert {str(port), str(node_port), str(node_metrics)} <= ports and len(listening) >= 5
         assert [a for a in listening if not is_loopback(a[0])] == [], listening
+        assert c_echo("TESTPACS", node_port) == 0x0000  # the node answers its peer
     finally:
         proc.send_signal(signal.SIGINT)
         try:

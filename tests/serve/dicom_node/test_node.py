@@ -17,6 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     ComprehensiveSRStorage,
     ComputedRadiographyImageStorage,
+    SecondaryCaptureImageStorage,
     Verification,
 )
 from support.images import make_dicom
@@ -32,17 +33,17 @@ from serve.dicom_node.queue import NodeQueue, Result
 PEER, PACS = "MODALITY1", "HOSPITALPACS"
 
 
-def fake_sr(request_id: str) -> bytes:
-    """A minimal Comprehensive SR Part 10 file (the stand-in service's answer)."""
+def fake_object(request_id: str, kind: str = "sr") -> bytes:
+    """A minimal SR or SC Part 10 file (the stand-in service's answer)."""
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     ds = Dataset()
-    ds.SOPClassUID = ComprehensiveSRStorage
+    ds.SOPClassUID = ComprehensiveSRStorage if kind == "sr" else SecondaryCaptureImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "SR"
+    ds.Modality = "SR" if kind == "sr" else "OT"
     ds.ContentLabel = request_id.replace("-", "_").upper()[:16]  # tells the SRs apart
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -56,8 +57,9 @@ def fake_sr(request_id: str) -> bytes:
 class FakeService:
     """STOW-RS + SR routes of the service, counting what it was sent."""
 
-    def __init__(self, busy: bool = False) -> None:
+    def __init__(self, busy: bool = False, sc_pending: int = 0) -> None:
         self.busy = busy
+        self.sc_pending = sc_pending  # how many times the SC answers 202 before it is made
         self.instances: list[bytes] = []
         self.keys: list[str | None] = []
 
@@ -71,8 +73,13 @@ class FakeService:
             self.instances += [p.data for p in parts]
             results = [{"request_id": f"r{len(self.instances)}-{i}"} for i in range(len(parts))]
             return httpx.Response(200, json={"stow": {}, "results": results})
-        request_id = re.search(r"/predictions/([^/]+)/dicom/sr", request.url.path).group(1)
-        return httpx.Response(200, content=fake_sr(request_id))
+        request_id, kind = re.search(
+            r"/predictions/([^/]+)/dicom/(sr|sc)", request.url.path
+        ).groups()
+        if kind == "sc" and self.sc_pending > 0:
+            self.sc_pending -= 1
+            return httpx.Response(202, headers={"retry-after": "0"}, json={"error": {}})
+        return httpx.Response(200, content=fake_object(request_id, kind))
 
 
 class Pacs:
@@ -86,6 +93,7 @@ class Pacs:
     def start(self) -> Pacs:
         ae = AE(ae_title=PACS)
         ae.add_supported_context(ComprehensiveSRStorage)
+        ae.add_supported_context(SecondaryCaptureImageStorage)
         handlers = [(evt.EVT_C_STORE, self._store)]
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
@@ -156,6 +164,18 @@ def test_instances_go_through_the_service_and_srs_come_back(tmp_path, pacs):
     assert {dcmread(io.BytesIO(d)).SOPInstanceUID for d in service.instances} == sent_uids
     assert set(service.keys) == {"key-a"}
     assert all(ds.Modality == "SR" for ds in pacs.received)
+
+
+def test_with_send_sc_the_secondary_capture_follows_once_it_is_made(tmp_path, pacs):
+    service = FakeService(sc_pending=2)  # the explanation takes a while: 202, 202, then 200
+    node = start_node(node_config(tmp_path, pacs.port, send_sc=True), service)
+    try:
+        assert send(node.port, [make_dicom()]) == [0x0000]
+        assert wait_for(lambda: len(pacs.received) == 2)
+    finally:
+        node.stop()
+    assert sorted(ds.Modality for ds in pacs.received) == ["OT", "SR"]
+    assert service.sc_pending == 0
 
 
 def test_an_unknown_calling_ae_is_rejected(tmp_path, pacs):
