@@ -57,6 +57,8 @@ def cr_instance(jpeg: bytes, study_uid: str, number: int) -> bytes:
     import numpy as np
 
     grey = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    # One component, as the header says (the shared JPEGs are grey pixels in three channels).
+    jpeg = cv2.imencode(".jpg", grey, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     ds = Dataset()
     ds.SOPClassUID = ComputedRadiographyImageStorage
     ds.SOPInstanceUID = generate_uid()
@@ -135,6 +137,19 @@ class Sink:
         return 0x0000
 
 
+def drained(sink: Sink, node: DicomNode, deadline_s: float) -> bool:
+    """True when every SR arrived; False when the node has nothing left to do without it
+    (refused instances get none) or the deadline passed."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if sink.done.wait(1.0):
+            return True
+        depths = node.queue.depths()
+        if depths.inbox == depths.outbox == 0:
+            return sink.done.wait(2.0)
+    return False
+
+
 def node_run(data: list[bytes], cfg: OrthoVisionConfig, max_in_flight: int, tmp: Path) -> dict:
     sink = Sink()
     sink.expected = len(data)
@@ -168,7 +183,7 @@ def node_run(data: list[bytes], cfg: OrthoVisionConfig, max_in_flight: int, tmp:
             time.sleep(0.05)
     assoc.release()
     sent_s = time.perf_counter() - started
-    finished = sink.done.wait(600)
+    finished = drained(sink, node, deadline_s=600)
     wall = time.perf_counter() - started
     sampling.set()
     sampler.join()

@@ -90,9 +90,12 @@ class ServiceClient:
             headers={"content-type": related_content_type(boundary), "accept": "application/json"},
         )
         if r.status_code in (200, 202, 409):
-            results = r.json()["results"]
+            # A refused instance has a request id too (its failure is recorded): no SR for it.
             return [
-                Classified(e.get("request_id"), e.get("error", {}).get("code")) for e in results
+                Classified(None, e["error"].get("code"))
+                if "error" in e
+                else Classified(e["request_id"])
+                for e in r.json()["results"]
             ]
         # The whole request refused (413 too large, 400 ...): say so for each instance.
         code = _error_code(r)
@@ -111,6 +114,13 @@ class ServiceClient:
             if r.status_code != 202 or time.monotonic() > deadline:
                 return None
             time.sleep(min(2.0, retry_after_s(r) or 1.0))
+
+
+def _outcome(entry: dict) -> Classified:
+    # A refused instance has a request id too (its failure is recorded): no SR for it.
+    if "error" in entry:
+        return Classified(None, entry["error"].get("code"))
+    return Classified(entry["request_id"])
 
 
 def _error_code(response: httpx.Response) -> str:

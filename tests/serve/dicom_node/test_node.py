@@ -57,8 +57,9 @@ def fake_object(request_id: str, kind: str = "sr") -> bytes:
 class FakeService:
     """STOW-RS + SR routes of the service, counting what it was sent."""
 
-    def __init__(self, busy: bool = False, sc_pending: int = 0) -> None:
+    def __init__(self, busy: bool = False, sc_pending: int = 0, refuse: bool = False) -> None:
         self.busy = busy
+        self.refuse = refuse  # every instance refused, as the service refuses a bad image
         self.sc_pending = sc_pending  # how many times the SC answers 202 before it is made
         self.instances: list[bytes] = []
         self.keys: list[str | None] = []
@@ -72,6 +73,10 @@ class FakeService:
             parts = split_related(request.content, boundary, 64)
             self.instances += [p.data for p in parts]
             results = [{"request_id": f"r{len(self.instances)}-{i}"} for i in range(len(parts))]
+            if self.refuse:  # the service's shape: the request id and the error
+                results = [
+                    r | {"error": {"code": "undecodable", "message": "..."}} for r in results
+                ]
             return httpx.Response(200, json={"stow": {}, "results": results})
         request_id, kind = re.search(
             r"/predictions/([^/]+)/dicom/(sr|sc)", request.url.path
@@ -176,6 +181,19 @@ def test_with_send_sc_the_secondary_capture_follows_once_it_is_made(tmp_path, pa
         node.stop()
     assert sorted(ds.Modality for ds in pacs.received) == ["OT", "SR"]
     assert service.sc_pending == 0
+
+
+def test_an_instance_the_service_refuses_gets_no_result_and_leaves_the_inbox(tmp_path, pacs):
+    node = start_node(node_config(tmp_path, pacs.port), FakeService(refuse=True))
+    try:
+        assert send(node.port, [make_dicom(), make_dicom()]) == [0x0000] * 2
+        sample = node.metrics.registry.get_sample_value
+        rejected = {"outcome": "rejected"}
+        assert wait_for(lambda: sample("orthovision_dicom_instances_total", rejected) == 2)
+        assert node.queue.depths().inbox == node.queue.depths().outbox == 0
+        assert pacs.received == []
+    finally:
+        node.stop()
 
 
 def test_an_unknown_calling_ae_is_rejected(tmp_path, pacs):
