@@ -257,9 +257,21 @@ class DicomNode:
                     self.queue.retry_instance(item.id, self._backoff(item.attempts))
 
     def _forward(self, batch: list[Received]) -> None:
+        """Classify what has not been yet (one STOW-RS request), then fetch each instance's
+        results. The request id is kept with the instance as soon as the service answers,
+        so a retry after a failed fetch never classifies (and records) the instance twice."""
         tenant = batch[0].tenant
-        outcomes = self.client.stow(tenant, [item.data for item in batch], self.cfg.send_sc)
-        for item, outcome in zip(batch, outcomes, strict=True):
+        new = [item for item in batch if item.request_id is None]
+        outcomes = {item.id: Classified(item.request_id) for item in batch if item.request_id}
+        if new:
+            stowed = self.client.stow(tenant, [item.data for item in new], self.cfg.send_sc)
+            for item, outcome in zip(new, stowed, strict=True):
+                outcomes[item.id] = outcome
+                if outcome.request_id is not None:
+                    self.metrics.instances.labels("classified").inc()
+                    self.queue.remember_request(item.id, outcome.request_id)
+        for item in batch:
+            outcome = outcomes[item.id]
             if outcome.request_id is None and outcome.transient:
                 self.queue.retry_instance(item.id, self._backoff(item.attempts))
                 continue
@@ -272,7 +284,6 @@ class DicomNode:
             self.metrics.instances.labels("rejected").inc()
             log.info("instance refused by the service: %s", outcome.error)
             return []
-        self.metrics.instances.labels("classified").inc()
         dest = self.cfg.destination(tenant)
         if dest is None:
             return []

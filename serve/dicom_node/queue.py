@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     data BLOB NOT NULL,
     received_at REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    due_at REAL NOT NULL
+    due_at REAL NOT NULL,
+    request_id TEXT  -- set once the service classified it: only its results are still due
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -51,6 +52,7 @@ class Received:
     tenant: str
     data: bytes
     attempts: int
+    request_id: str | None = None  # the service's id once it classified the instance
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ class NodeQueue:
             if row is None:
                 return []
             rows = db.execute(
-                "SELECT id, tenant, data, attempts FROM inbox WHERE tenant = ? AND due_at <= ? "
+                "SELECT id, tenant, data, attempts, request_id FROM inbox "
+                "WHERE tenant = ? AND due_at <= ? "
                 "ORDER BY id LIMIT ?",
                 (row[0], now, limit),
             ).fetchall()
@@ -154,6 +157,10 @@ class NodeQueue:
                 [(r.tenant, r.kind, r.ae_title, r.host, r.port, r.data, now, now) for r in results],
             )
             db.execute("DELETE FROM inbox WHERE id = ?", (instance_id,))
+
+    def remember_request(self, instance_id: int, request_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE inbox SET request_id = ? WHERE id = ?", (request_id, instance_id))
 
     def retry_instance(self, instance_id: int, delay_s: float) -> None:
         with self._tx() as db:

@@ -57,8 +57,11 @@ def fake_object(request_id: str, kind: str = "sr") -> bytes:
 class FakeService:
     """STOW-RS + SR routes of the service, counting what it was sent."""
 
-    def __init__(self, busy: bool = False, sc_pending: int = 0, refuse: bool = False) -> None:
+    def __init__(
+        self, busy: bool = False, sc_pending: int = 0, refuse: bool = False, sr_busy: int = 0
+    ) -> None:
         self.busy = busy
+        self.sr_busy = sr_busy  # how many SR fetches answer 503 first
         self.refuse = refuse  # every instance refused, as the service refuses a bad image
         self.sc_pending = sc_pending  # how many times the SC answers 202 before it is made
         self.instances: list[bytes] = []
@@ -81,6 +84,9 @@ class FakeService:
         request_id, kind = re.search(
             r"/predictions/([^/]+)/dicom/(sr|sc)", request.url.path
         ).groups()
+        if kind == "sr" and self.sr_busy > 0:
+            self.sr_busy -= 1
+            return httpx.Response(503, json={"error": {"code": "overloaded"}})
         if kind == "sc" and self.sc_pending > 0:
             self.sc_pending -= 1
             return httpx.Response(202, headers={"retry-after": "0"}, json={"error": {}})
@@ -181,6 +187,19 @@ def test_with_send_sc_the_secondary_capture_follows_once_it_is_made(tmp_path, pa
         node.stop()
     assert sorted(ds.Modality for ds in pacs.received) == ["OT", "SR"]
     assert service.sc_pending == 0
+
+
+def test_a_failed_result_fetch_is_retried_without_classifying_again(tmp_path, pacs):
+    service = FakeService(sr_busy=3)  # classified, then the SR cannot be fetched for a while
+    node = start_node(node_config(tmp_path, pacs.port), service)
+    try:
+        instances = [make_dicom() for _ in range(2)]
+        assert send(node.port, instances) == [0x0000] * 2
+        assert wait_for(lambda: len(pacs.received) == 2)
+    finally:
+        node.stop()
+    assert len(service.instances) == 2  # one STOW-RS entry per instance: no second record
+    assert service.sr_busy == 0
 
 
 def test_an_instance_the_service_refuses_gets_no_result_and_leaves_the_inbox(tmp_path, pacs):
