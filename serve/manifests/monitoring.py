@@ -307,6 +307,16 @@ def grafana_dashboard(cfg: OrthoVisionConfig) -> dict:
             ],
             "none",
         ),
+        # The DICOM node (serve/dicom_node; its own metrics, not Ray's: no ray_ prefix).
+        (
+            "DICOM node: inbox, outbox and oldest undelivered result (s)",
+            [
+                "sum(orthovision_dicom_inbox_instances)",
+                "sum(orthovision_dicom_outbox_results)",
+                "max(orthovision_dicom_outbox_oldest_age_seconds)",
+            ],
+            "none",
+        ),
         # Drift (docs/SAFETY.md): per tenant, against the card's validation baseline.
         (
             "Drift: abstention rate by tenant and reason",

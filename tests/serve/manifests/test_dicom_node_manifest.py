@@ -3,9 +3,14 @@ checks of every core object are in test_k8s.py)."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import yaml
 
 from orthovision.config import OrthoVisionConfig
+from serve.dicom_node.node import node_metrics
+from serve.dicom_node.queue import NodeQueue
 from serve.manifests.presets import preset
 from serve.manifests.render import render_texts
 
@@ -46,7 +51,7 @@ def test_port_11112_is_a_tcp_service_reachable_from_the_dicom_network_only():
     assert [p["port"] for p in from_node["ports"]] == [8000]
 
 
-def test_the_outbox_is_watched():
+def test_the_outbox_is_watched(tmp_path):
     (rule_doc,) = [d for d in DOCS["monitoring.yaml"] if d["kind"] == "PrometheusRule"]
     rules = {r["alert"]: r for r in rule_doc["spec"]["groups"][0]["rules"]}
     assert (
@@ -55,3 +60,12 @@ def test_the_outbox_is_watched():
     )
     assert "orthovision_dicom_inbox_instances" in rules["OrthoVisionDicomInboxFull"]["expr"]
     assert NODE["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    # ... and shown, from metrics the node exports.
+    dashboard = json.loads(render_texts()["grafana-dashboard.json"])
+    (panel,) = [p for p in dashboard["panels"] if p["title"].startswith("DICOM node")]
+    exported = {
+        m.name for m in node_metrics(NodeQueue(tmp_path / "q" / "db", 1)).registry.collect()
+    }
+    for target in panel["targets"]:
+        (name,) = re.findall(r"orthovision_dicom_[a-z_]+", target["expr"])
+        assert name in exported, name
