@@ -44,6 +44,8 @@ def run_node(cfg: OrthoVisionConfig, port: int | None = None) -> int:
     dicom = build_node(cfg)
     dicom.start()
     sys.stdout.write(f"DICOM node {node.ae_title} on {node.host}:{dicom.port}. Ctrl-C stops it.\n")
+    if not node.peers:
+        sys.stdout.write("No peers configured: every association is rejected (dicom_node.peers).\n")
     sys.stdout.flush()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
