@@ -42,6 +42,7 @@ from pynetdicom.sop_class import ComprehensiveSRStorage, ComputedRadiographyImag
 from bench.__main__ import machine_info
 from bench.images import jpeg224
 from bench.procs import Server, port_is_free
+from orthovision.clinical.dicom_objects import to_bytes
 from orthovision.clinical.dicomweb import related_body, related_content_type
 from orthovision.config import DicomNodeConfig, OrthoVisionConfig
 from serve.dicom_node.forward import ServiceClient
@@ -76,9 +77,7 @@ def cr_instance(jpeg: bytes, study_uid: str, number: int) -> bytes:
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return to_bytes(ds)
 
 
 def instances(count: int) -> tuple[list[bytes], str]:

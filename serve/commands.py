@@ -30,7 +30,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dicom_node(args: argparse.Namespace) -> int:
-    from serve.dicom_node.run import load_serve_file, run_node
+    from serve.dicom_node.run import run_node
+    from serve.manifests.serve_config import load_serve_file
 
     return run_node(load_serve_file(args.config), args.port)
 

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 from ray import serve
@@ -17,10 +18,12 @@ from orthovision.config import OrthoVisionConfig
 from orthovision.model.card import read_card
 from serve.app import AppArgs, build_app
 from serve.auth import is_loopback
-from serve.dicom_node.node import DicomNode
 from serve.manifests.serve_config import load_serve_file
 from serve.runtime import checkpoint_path
 from serve.shedding import proxy_environment
+
+if TYPE_CHECKING:
+    from serve.dicom_node.node import DicomNode
 
 log = logging.getLogger("orthovision.serve")
 READY_TIMEOUT_S = 120.0
@@ -82,8 +85,9 @@ def run(config_file: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> int:
         serve.shutdown()
         ray.shutdown()
         return 1
+    cfg = load_serve_file(config_file)
     # The card from the checkpoint itself: over HTTP it would need an API key when auth is on.
-    card = read_card(checkpoint_path(load_serve_file(config_file)))
+    card = read_card(checkpoint_path(cfg))
     if not card.get("trained"):
         out.write(
             "\n" + "!" * 78 + "\nWARNING: the checkpoint has RANDOM, UNTRAINED weights. "
@@ -92,7 +96,7 @@ def run(config_file: Path, ready_timeout_s: float = READY_TIMEOUT_S) -> int:
             + "\n"
         )
     out.write(f"\nOrthoVision Serve is ready at {url}  (API docs: {url}/docs). Ctrl-C stops it.\n")
-    node = start_dicom_node(load_serve_file(config_file))
+    node = start_dicom_node(cfg)
     if node is not None:
         n = node.cfg
         out.write(f"DICOM node {n.ae_title} listens on {n.host}:{node.port} (C-STORE in).\n")

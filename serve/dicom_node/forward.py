@@ -90,13 +90,7 @@ class ServiceClient:
             headers={"content-type": related_content_type(boundary), "accept": "application/json"},
         )
         if r.status_code in (200, 202, 409):
-            # A refused instance has a request id too (its failure is recorded): no SR for it.
-            return [
-                Classified(None, e["error"].get("code"))
-                if "error" in e
-                else Classified(e["request_id"])
-                for e in r.json()["results"]
-            ]
+            return [_outcome(entry) for entry in r.json()["results"]]
         # The whole request refused (413 too large, 400 ...): say so for each instance.
         code = _error_code(r)
         return [Classified(None, code) for _ in instances]

@@ -35,7 +35,7 @@ from orthovision.client.bulk import backoff_s
 from orthovision.config import DicomNodeConfig
 from serve.dicom_node.forward import Classified, ServiceBusy, ServiceClient
 from serve.dicom_node.queue import NodeQueue, Received, Result
-from serve.dicom_node.send import deliver
+from serve.dicom_node.send import Delivery, deliver
 
 log = logging.getLogger("orthovision.dicom_node")
 
@@ -46,20 +46,17 @@ STORAGE_CLASSES = (
 )
 # The projection radiography syntaxes the service decodes. Deflate is not offered: its
 # inflation would happen before any of the service's bounds apply.
-TRANSFER_SYNTAXES = tuple(
-    getattr(uid, name)
-    for name in (
-        "ExplicitVRLittleEndian",
-        "ImplicitVRLittleEndian",
-        "JPEGBaseline8Bit",
-        "JPEGExtended12Bit",
-        "JPEGLossless",
-        "JPEGLosslessSV1",
-        "JPEGLSLossless",
-        "JPEGLSNearLossless",
-        "JPEG2000Lossless",
-        "JPEG2000",
-    )
+TRANSFER_SYNTAXES = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
 )
 OUT_OF_RESOURCES = 0xA700
 SUCCESS = 0x0000
@@ -230,8 +227,8 @@ class DicomNode:
 
     # ---- forward: inbox -> service -> outbox ---------------------------------------------
     def _idle(self) -> None:
-        due = self.queue.next_due_in_s()
-        self._wake.wait(IDLE_POLL_S if due is None else min(max(due, 0.01), IDLE_POLL_S))
+        """Until new work is stored or the next poll (retries fall due within IDLE_POLL_S)."""
+        self._wake.wait(IDLE_POLL_S)
         self._wake.clear()
 
     def _backoff(self, attempts: int) -> float:
@@ -308,13 +305,12 @@ class DicomNode:
             try:
                 delivery = deliver(self.cfg.ae_title, due)
             except Exception as exc:  # a bad object or a network fault: retry, never stop
-                log.error("sending results failed (%s)", type(exc).__name__)
-                delivery = None
-            for result in delivery.sent if delivery else []:
+                delivery = Delivery([], due, f"sending failed ({type(exc).__name__})")
+            for result in delivery.sent:
                 self.queue.sent(result.id)
                 self.metrics.results.labels("sent").inc()
-            for result in delivery.failed if delivery else due:
+            for result in delivery.failed:
                 self.queue.retry_result(result.id, self._backoff(result.attempts))
                 self.metrics.results.labels("retried").inc()
-            if delivery and delivery.reason:
+            if delivery.reason:
                 log.warning("results kept for retry: %s", delivery.reason)

@@ -172,10 +172,11 @@ class NodeQueue:
     # ---- outbox ------------------------------------------------------------------------
     def due_results(self, limit: int) -> list[Result]:
         """Up to `limit` results due now, oldest first, all for the oldest's destination."""
+        now = time.time()
         with self._lock:
             first = self._db.execute(
                 "SELECT ae_title, host, port FROM outbox WHERE due_at <= ? ORDER BY id LIMIT 1",
-                (time.time(),),
+                (now,),
             ).fetchone()
             if first is None:
                 return []
@@ -183,7 +184,7 @@ class NodeQueue:
                 "SELECT kind, ae_title, host, port, data, tenant, id, attempts FROM outbox "
                 "WHERE ae_title = ? AND host = ? AND port = ? AND due_at <= ? ORDER BY id "
                 "LIMIT ?",
-                (*first, time.time(), limit),
+                (*first, now, limit),
             ).fetchall()
         return [Result(*row) for row in rows]
 
@@ -197,15 +198,6 @@ class NodeQueue:
                 "UPDATE outbox SET attempts = attempts + 1, due_at = ? WHERE id = ?",
                 (time.time() + delay_s, result_id),
             )
-
-    def next_due_in_s(self) -> float | None:
-        """Seconds until the next instance or result is due (0 if now); None when empty."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT MIN(d) FROM (SELECT MIN(due_at) AS d FROM inbox "
-                "UNION ALL SELECT MIN(due_at) FROM outbox)"
-            ).fetchone()
-        return None if row[0] is None else max(0.0, row[0] - time.time())
 
     def depths(self) -> Depths:
         with self._lock:

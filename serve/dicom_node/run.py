@@ -12,9 +12,6 @@ from orthovision.config import OrthoVisionConfig
 from serve.auth import is_loopback, key_pairs
 from serve.dicom_node.forward import ServiceClient
 from serve.dicom_node.node import DicomNode
-from serve.manifests.serve_config import load_serve_file
-
-__all__ = ["build_node", "load_serve_file", "run_node", "service_url"]
 
 
 def service_url(cfg: OrthoVisionConfig) -> str:

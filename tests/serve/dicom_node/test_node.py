@@ -24,6 +24,7 @@ from support.images import make_dicom
 from support.liveapp import free_port
 from support.polling import wait_for
 
+from orthovision.clinical.dicom_objects import to_bytes
 from orthovision.clinical.dicomweb import related_boundary, split_related
 from orthovision.config import DicomNodeConfig
 from serve.dicom_node.forward import ServiceClient
@@ -49,9 +50,7 @@ def fake_object(request_id: str, kind: str = "sr") -> bytes:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return to_bytes(ds)
 
 
 class FakeService:
