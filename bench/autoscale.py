@@ -1,11 +1,18 @@
-"""Serve autoscaling, shown on this machine: `python -m bench.autoscale`.
+"""Serve autoscaling under a constant load, on this machine: `python -m bench.autoscale`.
 
-One `ray start` node on loopback (bench.raycluster), the app with autoscaling Preprocessor
-(1..3) and Backbones (1..2), fractional CPUs that fit 2 cores, short upscale/downscale
-delays. A bounded closed-loop load (a thread pool of retrying clients) runs until the
-Preprocessor and a Backbone reach 2 replicas (or a time cap), then stops; replica counts
-from serve.status() are sampled every second and printed until they are back at 1.
-The last line is `RESULT {json}`.
+One `ray start` node on loopback (bench.raycluster), the app with the Preprocessor (1..3) and
+each Backbone (1..2) autoscaled by the project's policy (serve/autoscaling.py: the same
+target for every stage, one batch per replica, and hysteresis on the way down), fractional
+CPUs that fit 2 cores, short delays. A constant closed-loop load (12 retrying clients, the
+full-size shared radiograph) runs until the replica counts have held still for `hold_s`
+after the first scale-up (at least `min_load_s`, at most `load_cap_s`), then stops; counts
+from serve.status() are sampled every second, and go on being sampled until every
+deployment is back at its minimum.
+
+Which stage saturated is measured apart from the autoscaler: each stage's busy time (the
+sum of its `orthovision_stage_latency_seconds`, from the node's Prometheus export) per
+replica-second while the load ran at the starting replica counts. The last line is
+`RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -13,59 +20,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+from bench.__main__ import cpu_name
 from bench.preprocess import SHARED_IMAGE, load_jpeg
+from bench.prometheus import metric_sum, scrape
 from bench.raycluster import (
     LOOPBACK,
     RayNode,
     RetryingClient,
     cluster,
+    cpu_burners,
     deploy,
     free_port,
+    private_store_url,
     replica_counts,
 )
 from orthovision.config import DeploymentConfig, OrthoVisionConfig, ServeConfig
 from serve.manifests.serve_config import served_branches
 
-# The Preprocessor and each Backbone of the served (default) checkpoint.
-WATCHED = ["Preprocessor"] + [f"Backbone_{n}" for n in served_branches(OrthoVisionConfig())]
+BRANCHES = served_branches(OrthoVisionConfig())
+# The Preprocessor and each Backbone of the served (default) checkpoint, and the stage name
+# each one's latency metric carries (serve/preprocessor.py, serve/backbone.py).
+STAGES = {"Preprocessor": "preprocess"} | {f"Backbone_{b}": f"backbone_{b}" for b in BRANCHES}
+WATCHED = list(STAGES)
+BUSY_METRIC = "ray_orthovision_stage_latency_seconds_sum"
 
 
 def autoscaling_config(http_port: int) -> OrthoVisionConfig:
     """Fits 2 cores at max: 0.1 + 3x0.2 + 2x2x0.3 + 0.05 + 0.05 = 2.0 CPUs."""
-    fast = {"upscale_delay_s": 2.0, "downscale_delay_s": 5.0}
+    # One batch per replica is the target of every stage: the stage that holds the batches
+    # longest is the bottleneck, and it alone scales (serve/autoscaling.py).
+    scaled = {
+        "min_replicas": 1,
+        "target_ongoing_requests": 1.0,
+        "upscale_delay_s": 2.0,
+        "downscale_delay_s": 15.0,
+    }
     return OrthoVisionConfig(
         serve=ServeConfig(
             host=LOOPBACK,
             port=http_port,
             device="cpu",
-            store_url=f"sqlite:///tmp/orthovision-autoscale-{os.getpid()}.sqlite3",
+            store_url=private_store_url("autoscale"),
             ingress=DeploymentConfig(
                 num_cpus=0.1, max_ongoing_requests=64, max_queued_requests=256
             ),
             preprocessor=DeploymentConfig(
-                min_replicas=1,
-                max_replicas=3,
-                # CPU-bound, one request at a time per core: scale at 50 % busy.
-                target_ongoing_requests=0.5,
-                num_cpus=0.2,
-                max_ongoing_requests=4,
-                **fast,
+                max_replicas=3, num_cpus=0.2, max_ongoing_requests=4, **scaled
             ),
             backbone=DeploymentConfig(
-                min_replicas=1,
                 max_replicas=2,
-                # A call is a batch of images gathered in the ingress: one at a time keeps
-                # a one-thread replica busy.
-                target_ongoing_requests=1.0,
                 num_cpus=0.3,
                 max_ongoing_requests=16,
                 max_queued_requests=128,
-                **fast,
+                **scaled,
             ),
             fusion=DeploymentConfig(
                 num_cpus=0.05, max_ongoing_requests=64, max_queued_requests=256
@@ -75,57 +85,86 @@ def autoscaling_config(http_port: int) -> OrthoVisionConfig:
     )
 
 
-def run(concurrency: int = 12, max_requests: int = 3000, load_cap_s: float = 150.0,
-        settle_cap_s: float = 150.0, hold_s: float = 10.0) -> dict:  # fmt: skip
+def busy_seconds(metrics_url: str) -> dict[str, float]:
+    """Seconds each watched stage has spent working, summed over its replicas."""
+    text = scrape(metrics_url)
+    return {name: metric_sum(text, BUSY_METRIC, stage=stage) for name, stage in STAGES.items()}
+
+
+def saturation(samples: list[dict], until_t: float) -> dict[str, float]:
+    """Busy seconds per replica-second of each stage from the first sample with work to the
+    last sample at or before `until_t` (the replica counts did not change in between)."""
+    window = [s for s in samples if s["phase"] == "load" and s["t_s"] <= until_t]
+    window = [s for s in window if any(s["busy"].values())]
+    if len(window) < 2:
+        return {}
+    first, last = window[0], window[-1]
+    dt = last["t_s"] - first["t_s"]
+    if dt <= 0:
+        return {}
+    return {
+        name: round((last["busy"][name] - first["busy"][name]) / dt / first[name], 3)
+        for name in WATCHED
+    }
+
+
+def down_steps_under_load(samples: list[dict]) -> list[dict]:
+    """Every sample, during the load, where a deployment had fewer replicas than before."""
+    load = [s for s in samples if s["phase"] == "load"]
+    return [
+        {"t_s": now["t_s"], "deployment": name, "from": before[name], "to": now[name]}
+        for before, now in zip(load, load[1:], strict=False)
+        for name in WATCHED
+        if now[name] < before[name]
+    ]
+
+
+def run(
+    concurrency: int = 12,
+    min_load_s: float = 60.0,
+    hold_s: float = 30.0,
+    load_cap_s: float = 180.0,
+    settle_cap_s: float = 150.0,
+    burn: int = 0,
+) -> dict:
     cfg = autoscaling_config(free_port())
-    # A full-size radiograph: its decode + CLAHE load the Preprocessor as real traffic does
-    # (a 224-pixel JPEG leaves it idle while the backbones queue).
+    # A full-size radiograph: its decode + CLAHE load the Preprocessor as real traffic does.
     body, source = load_jpeg(SHARED_IMAGE)
     samples: list[dict] = []
-    stop_load = threading.Event()
-    head = RayNode("head", num_cpus=2)
-    with cluster([head]):
+    # Metrics every 2 s (Ray's default is 10 s), so the busy times follow the load.
+    head = RayNode("head", num_cpus=2, env={"RAY_metrics_report_interval_ms": "2000"})
+    with cpu_burners(burn), cluster([head]):
         url = deploy(cfg, head.address)
+        metrics_url = f"http://{head.ip}:{head.metrics_port}/metrics"
         client = RetryingClient(url, body, budget_s=60)
         t0 = time.monotonic()
-        sent = 0
-        lock = threading.Lock()
-
-        def worker() -> None:
-            nonlocal sent
-            while not stop_load.is_set():
-                with lock:
-                    if sent >= max_requests:
-                        return
-                    sent += 1
-                client.predict(sent)
 
         def sample(phase: str) -> dict:
             row = {"t_s": round(time.monotonic() - t0, 1), "phase": phase}
             row |= replica_counts(cfg.serve.app_name, WATCHED)
+            row["busy"] = busy_seconds(metrics_url) if phase == "load" else {}
             samples.append(row)
             print(
-                f"{row['t_s']:>6} {phase:<5} "
-                + " ".join(f"{name}={row[name]}" for name in WATCHED),
+                f"{row['t_s']:>6} {phase:<5} " + " ".join(f"{n}={row[n]}" for n in WATCHED),
                 flush=True,
             )
             return row
 
-        pool = ThreadPoolExecutor(concurrency)
-        for _ in range(concurrency):
-            pool.submit(worker)
-        reached_at = None
-        while time.monotonic() - t0 < load_cap_s and sent < max_requests:
-            row = sample("load")
-            scaled = row["Preprocessor"] >= 2 and max(row[n] for n in WATCHED[1:]) >= 2
-            if scaled and reached_at is None:
-                reached_at = time.monotonic()
-            # Hold the load a little past the scale-up so the trace shows it steady.
-            if reached_at is not None and time.monotonic() - reached_at >= hold_s:
-                break
-            time.sleep(1.0)
-        stop_load.set()
-        pool.shutdown(wait=True)
+        def watch(_stop: threading.Event) -> None:
+            """Sample every second; return (ending the load) once the counts held still."""
+            last_change, previous = None, None
+            while (elapsed := time.monotonic() - t0) < load_cap_s:
+                row = sample("load")
+                counts = tuple(row[n] for n in WATCHED)
+                if previous is not None and counts != previous:
+                    last_change = elapsed
+                previous = counts
+                steady = last_change is not None and elapsed - last_change >= hold_s
+                if steady and elapsed >= min_load_s:
+                    return
+                time.sleep(1.0)
+
+        client.load_during(watch, concurrency)
         load_end = time.monotonic()
         while time.monotonic() - load_end < settle_cap_s:
             row = sample("idle")
@@ -135,34 +174,41 @@ def run(concurrency: int = 12, max_requests: int = 3000, load_cap_s: float = 150
         client.close()
 
     peak = {n: max(s[n] for s in samples) for n in WATCHED}
-    first_up = {
-        n: next((s["t_s"] for s in samples if s[n] >= 2), None) for n in WATCHED
-    }  # fmt: skip
-
-    def back_to_1(name: str) -> float | None:
-        """First sample after the last one above 1 replica (None if it never scaled)."""
-        above = [i for i, s in enumerate(samples) if s[name] > 1]
-        if not above or above[-1] + 1 >= len(samples):
-            return None
-        return samples[above[-1] + 1]["t_s"]
-
-    back = {n: back_to_1(n) for n in WATCHED}
+    first_up = {n: next((s["t_s"] for s in samples if s[n] >= 2), None) for n in WATCHED}
+    scaled = [t for t in first_up.values() if t is not None]
+    first_t = min(scaled) if scaled else None
+    first_scaled = sorted(n for n, t in first_up.items() if t == first_t)
+    busy = saturation(samples, first_t if first_t is not None else float("inf"))
+    saturated = max(busy, key=busy.get) if busy else None
+    above = {n: [i for i, s in enumerate(samples) if s[n] > 1] for n in WATCHED}
+    back = {
+        n: samples[idx[-1] + 1]["t_s"] if idx and idx[-1] + 1 < len(samples) else None
+        for n, idx in above.items()
+    }
     result = {
         "concurrency": concurrency,
-        "requests_sent": sent,
+        "requests_sent": client.requests,
         "succeeded": client.ok,
         "lost_after_retries": client.lost,
+        "http_500": client.server_errors,
         "load_s": round(load_end - t0, 1),
         "peak_replicas": peak,
         "first_at_2_replicas_t_s": first_up,
+        "first_scaled": first_scaled,
+        "busy_per_replica_before_first_scale": busy,
+        "saturated": saturated,
+        "down_steps_under_load": down_steps_under_load(samples),
         "back_to_1_t_s": back,
-        "samples": samples,
+        "all_back_to_min": all(samples[-1][n] == 1 for n in WATCHED),
+        "samples": [{k: v for k, v in s.items() if k != "busy"} for s in samples],
+        "cpu_burners": burn,
         "image": source,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
     }
-    print(f"load: {sent} requests from {concurrency} clients over {result['load_s']} s")
-    print(f"peak replicas: {peak}")
-    print(f"first at >=2 replicas (s): {first_up}; back to 1 (s): {back}")
+    print(f"load: {client.requests} requests from {concurrency} clients over {result['load_s']} s")
+    print(f"busy per replica before the first scale-up: {busy}; saturated: {saturated}")
+    print(f"first scaled: {first_scaled} at {first_t} s; peak replicas: {peak}")
+    print(f"down-steps under load: {result['down_steps_under_load']}; back to 1 (s): {back}")
     print("RESULT " + json.dumps(result))
     return result
 
@@ -170,9 +216,9 @@ def run(concurrency: int = 12, max_requests: int = 3000, load_cap_s: float = 150
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--concurrency", type=int, default=12)
-    parser.add_argument("--max-requests", type=int, default=3000)
+    parser.add_argument("--burn", type=int, default=0, help="CPU-burning processes beside")
     args = parser.parse_args()
-    run(args.concurrency, args.max_requests)
+    run(args.concurrency, burn=args.burn)
 
 
 if __name__ == "__main__":

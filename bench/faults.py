@@ -1,16 +1,17 @@
 """Faults under load, against a live app whose Ray driver is this process.
 
-`kill_backbone_under_load`: a retrying client (exponential backoff with jitter on 429/503/
-5xx/connection errors) sends N requests while one Backbone replica is SIGKILLed; reports
-requests sent, failed attempts, requests lost after retries, and seconds until a replacement
-replica is serving. `kill_explainer_with_pending`: queues explanations, SIGKILLs the Explainer
+`kill_under_load`: retrying clients (bench.raycluster.RetryingClient: backoff on 429/503/
+5xx/connection errors) load the app while one replica of a deployment (a Backbone, Fusion)
+is SIGKILLed; reports requests sent, failed attempts, requests lost after retries, HTTP 500s,
+the time to the first success after the kill, seconds until a replacement replica is
+serving, and the throughput before the kill against the window after the replacement.
+`kill_explainer_with_pending`: queues explanations, SIGKILLs the Explainer
 and waits until each is done or failed (never pending forever). Loopback only, bounded.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import signal
 import threading
 import time
@@ -18,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
+
+from bench.raycluster import RetryingClient
 
 
 def own_processes() -> list[psutil.Process]:
@@ -50,59 +53,56 @@ def running_replicas(deployment: str, app: str = "orthovision") -> int:
     return int(status.replica_states.get("RUNNING", 0))
 
 
-def post_retrying(client: httpx.Client, body: bytes, attempts: int = 10) -> tuple[bool, int]:
-    """(succeeded, failed attempts) with exponential backoff and full jitter."""
-    failures = 0
-    for attempt in range(attempts):
-        try:
-            r = client.post("/v1/predict", content=body)
-            if r.status_code == 200:
-                return True, failures
-            if r.status_code < 500 and r.status_code != 429:
-                return False, failures + 1  # a client error will not heal by retrying
-        except httpx.HTTPError:
-            pass
-        failures += 1
-        time.sleep(random.uniform(0, min(5.0, 0.2 * 2**attempt)))
-    return False, failures
-
-
-def kill_backbone_under_load(
+def kill_under_load(
     url: str,
     body: bytes,
     headers: dict,
-    requests: int = 60,
+    deployment: str,
     concurrency: int = 4,
-    deployment: str = "Backbone_resnet18",
+    before_s: float = 8.0,
+    window_s: float = 10.0,
+    cap_s: float = 120.0,
 ) -> dict:
+    """Closed-loop load from `concurrency` retrying clients; one replica of `deployment`
+    is SIGKILLed `before_s` into it; the load runs on for `window_s` after its replacement
+    is RUNNING. Throughput is measured before the kill (after a 2 s warm-up) and in that
+    window."""
     victims = replica_pids(deployment)
     if not victims:
         raise RuntimeError(f"no replica process found for {deployment}")
-    killed_at: list[float] = []
+    t0 = time.monotonic()
+    client = RetryingClient(url, body, headers, budget_s=90, deadline=t0 + cap_s)
+    events: dict[str, float] = {}
 
-    def killer() -> None:
-        time.sleep(2.0)
+    def chaos(_stop: threading.Event) -> None:
+        time.sleep(before_s)
         os.kill(victims[0], signal.SIGKILL)
-        killed_at.append(time.monotonic())
+        events["kill"] = time.monotonic()
+        while time.monotonic() < client.deadline:
+            pids = replica_pids(deployment)
+            if pids and victims[0] not in pids and running_replicas(deployment) >= 1:
+                events["replaced"] = time.monotonic()
+                time.sleep(window_s)
+                return
+            time.sleep(0.5)
 
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
-        threading.Thread(target=killer, daemon=True).start()
-        with ThreadPoolExecutor(concurrency) as pool:
-            outcomes = list(pool.map(lambda _: post_retrying(client, body), range(requests)))
-    deadline = time.monotonic() + 120
-    recovered_s = None
-    while time.monotonic() < deadline:
-        pids = replica_pids(deployment)
-        if pids and victims[0] not in pids and running_replicas(deployment) >= 1:
-            recovered_s = round(time.monotonic() - killed_at[0], 1)
-            break
-        time.sleep(0.5)
+    client.load_during(chaos, concurrency)
+    client.close()
+    kill, replaced = events.get("kill"), events.get("replaced")
+    before = client.rate(t0 + 2.0, kill) if kill else 0.0
+    after = client.rate(replaced, replaced + window_s) if replaced else 0.0
     return {
         "deployment": deployment,
-        "requests_sent": requests,
-        "failed_attempts": sum(f for _, f in outcomes),
-        "lost_after_retries": sum(not ok for ok, _ in outcomes),
-        "replacement_ready_s": recovered_s,
+        "requests_sent": client.requests,
+        "failed_attempts": client.failed_attempts,
+        "lost_after_retries": client.lost,
+        "http_500": client.server_errors,
+        "client_timeouts": client.timeouts,
+        "first_success_after_kill_s": client.first_success_sent_after(kill) if kill else None,
+        "replacement_ready_s": round(replaced - kill, 1) if kill and replaced else None,
+        "throughput_before_per_s": round(before, 2),
+        "throughput_after_per_s": round(after, 2),
+        "throughput_ratio": round(after / before, 3) if before else None,
     }
 
 
@@ -135,11 +135,20 @@ def kill_explainer_with_pending(
             if "pending" not in states.values():
                 break
             time.sleep(1.0)
+        settled_s = round(time.monotonic() - killed, 1)
+        # Recovery, not only "nothing pending": an explanation asked for now gets done.
+        fresh = queue(0)
+        fresh_state = "pending"
+        while fresh_state == "pending" and time.monotonic() - killed < 2 * wait_s:
+            time.sleep(1.0)
+            fresh_state = client.get(f"/v1/explanations/{fresh}").json()["state"]
     return {
         "explanations": n,
         "pending_at_kill": pending_at_kill,
         "done": sum(s == "done" for s in states.values()),
         "failed": sum(s == "failed" for s in states.values()),
         "still_pending": sum(s == "pending" for s in states.values()),
-        "settled_after_s": round(time.monotonic() - killed, 1),
+        "settled_after_s": settled_s,
+        "explanation_after_recovery": fresh_state,
+        "explanation_after_recovery_s": round(time.monotonic() - killed, 1),
     }

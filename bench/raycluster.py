@@ -20,7 +20,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,36 @@ LOOPBACK = "127.0.0.2"
 
 
 AUTH_TOKEN = secrets.token_hex(32)  # this driver's clusters only
+
+
+def private_store_url(name: str) -> str:
+    """A result store of this run in a directory of its own: the SQLite store refuses a
+    directory others can write to, such as /tmp itself."""
+    return f"sqlite:///tmp/orthovision-{name}-{os.getpid()}/store.sqlite3"
+
+
+def serve_log_lines(node: RayNode, deployments: tuple[str, ...], needle: str) -> int:
+    """Lines containing `needle` in the Serve logs of the node's replicas of `deployments`."""
+    logs = Path(node.temp_dir) / "session_latest" / "logs" / "serve"
+    count = 0
+    for name in deployments:
+        for path in logs.glob(f"replica_*_{name}_*.log"):
+            with path.open(errors="replace") as lines:
+                count += sum(needle in line for line in lines)
+    return count
+
+
+@contextlib.contextmanager
+def cpu_burners(count: int) -> Iterator[None]:
+    """`count` processes spinning on a core each, at normal priority, for the block: a
+    loaded machine, to show a result is not timing luck. Always stopped."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def free_port() -> int:
@@ -67,6 +98,7 @@ class RayNode:
     # Unix socket paths must stay under 108 bytes: a short dir directly under /tmp.
     temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ovr-", dir="/tmp"))
     gcs_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)  # Prometheus text at /metrics
     proc: subprocess.Popen | None = None
     old_temp_dirs: list[str] = field(default_factory=list)
 
@@ -89,7 +121,7 @@ class RayNode:
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={self.metrics_port}",
         ]
         if self.gcs_address is None:
             cmd += [
@@ -268,18 +300,24 @@ class RetryingClient:
 
     url: str
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
     budget_s: float = 180.0
     # Absolute time.monotonic() after which nothing is retried: the whole run stays bounded.
     deadline: float = float("inf")
     first_backoff_s: float = 0.2
     max_backoff_s: float = 4.0
+    requests: int = 0
     failed_attempts: int = 0
     lost: int = 0
     ok: int = 0
+    server_errors: int = 0  # HTTP 500: the service's bug, never a client's (retried anyway)
+    timeouts: int = 0  # no answer within the client's 60 s: a hang
     success_times: list[tuple[float, float]] = field(default_factory=list)  # (start, end)
 
     def __post_init__(self) -> None:
-        self.client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64))
+        self.client = httpx.Client(
+            timeout=60, headers=self.headers, limits=httpx.Limits(max_connections=64)
+        )
         self._lock = threading.Lock()
 
     def _count(self, name: str, span: tuple[float, float] | None = None) -> None:
@@ -288,7 +326,9 @@ class RetryingClient:
             if span is not None:
                 self.success_times.append(span)
 
-    def predict(self, i: int) -> bool:
+    def predict(self) -> bool:
+        """One request, retried until it succeeds or its budget runs out."""
+        self._count("requests")
         started = time.monotonic()
         backoff = self.first_backoff_s
         while True:
@@ -300,6 +340,10 @@ class RetryingClient:
                 if r.status_code < 500 and r.status_code != 429:
                     self._count("lost")  # a 4xx is a client bug: retrying cannot fix it
                     return False
+                if r.status_code == 500:
+                    self._count("server_errors")
+            except httpx.TimeoutException:
+                self._count("timeouts")
             except httpx.HTTPError:
                 pass
             self._count("failed_attempts")
@@ -309,6 +353,42 @@ class RetryingClient:
                 return False
             time.sleep(backoff)
             backoff = min(self.max_backoff_s, backoff * 2)
+
+    def rate(self, start: float, end: float) -> float:
+        """Successes per second that ended within [start, end) (time.monotonic)."""
+        with self._lock:
+            n = sum(start <= done < end for _, done in self.success_times)
+        return n / (end - start) if end > start else 0.0
+
+    def first_success_sent_after(self, t: float) -> float | None:
+        """Seconds from `t` to the first success of a request sent at or after `t`."""
+        with self._lock:
+            ends = [done for sent, done in self.success_times if sent >= t]
+        return round(min(ends) - t, 1) if ends else None
+
+    def load(self, stop: threading.Event, on_answer: Callable[[], None] = lambda: None) -> None:
+        """One closed-loop client: request after request until `stop` or the deadline."""
+        while not stop.is_set() and time.monotonic() < self.deadline:
+            self.predict()
+            on_answer()
+
+    def load_during(self, chaos: Callable[[threading.Event], None], concurrency: int) -> None:
+        """Closed-loop load from `concurrency` clients while `chaos(stop)` runs beside it
+        (it may wait on `stop`); the load stops when `chaos` returns."""
+        stop = threading.Event()
+
+        def chaos_then_stop() -> None:
+            try:
+                chaos(stop)
+            finally:
+                stop.set()
+
+        beside = threading.Thread(target=chaos_then_stop, daemon=True)
+        beside.start()
+        with ThreadPoolExecutor(concurrency) as pool:
+            for _ in range(concurrency):
+                pool.submit(self.load, stop)
+        beside.join(timeout=60)
 
     def close(self) -> None:
         self.client.close()

@@ -125,6 +125,9 @@ class DeploymentConfig(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    # Hysteresis (serve/autoscaling.py): scale down only to replicas that would each run at
+    # or below this fraction of the target, so a constant load never loses a replica.
+    scale_down_below: float = Field(0.5, gt=0, lt=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(8, ge=1)
@@ -271,6 +274,8 @@ class ServeConfig(_Strict):
     record_ttl_s: int = Field(7 * 24 * 3600, gt=0)
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_batch_items: int = Field(32, ge=1)
+    # Every classification is answered by then, its retry on a live replica included: a
+    # 503 with Retry-After when no replica answered in time (a lost node; serve/classify.py).
     request_timeout_s: float = Field(30.0, gt=0)
     # A whole upload must arrive within this: a trickling client cannot hold a slot forever.
     body_timeout_s: float = Field(30.0, gt=0)

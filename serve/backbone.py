@@ -11,7 +11,6 @@ from ray import serve
 
 from orthovision.model.engine import OnnxEngine
 from orthovision.model.pipeline import PreparedBatch
-from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -19,6 +18,7 @@ from serve.runtime import (
     forward_thread,
     limit_cpu_threads,
     may_use_cuda,
+    replica_setup,
 )
 
 log = logging.getLogger("ray.serve")
@@ -26,7 +26,7 @@ log = logging.getLogger("ray.serve")
 
 class Backbone:
     def __init__(self, branch: str, config: dict) -> None:
-        confine_replica_grpc()
+        replica_setup()
         cfg = config_from(config)
         self.branch = branch
         cpu = not may_use_cuda(cfg.serve.device)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from orthovision.errors import InputError
@@ -23,7 +24,7 @@ from orthovision.model.pipeline import Classified, ItemOutcome, Prepared, Prepar
 from serve import clinical, studies
 from serve.auth import LOCAL_TENANT
 from serve.gather import Gatherer
-from serve.http import new_request_id
+from serve.http import ApiError, new_request_id
 from serve.metrics import metrics
 from serve.records import explanation_url
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from serve.store import ResultStore, StudyEntry
 
 log = logging.getLogger("ray.serve")
+# What a 503 for a lost replica asks the client to wait: Serve replaces a dead replica in
+# seconds when its node is up (docs/OPERATIONS.md: node loss).
+RETRY_AFTER_S = 2
 # A preprocessed batch, or the Preprocessor's response that brings it (Ray resolves it).
 Batch = PreparedBatch | DeploymentResponse
 
@@ -55,13 +59,37 @@ class Job:
     # Resolved with the item's error as soon as preprocessing rejects it, so a bad input is
     # answered without waiting for its batch's forward passes (None: no early answer).
     early: asyncio.Future | None = field(default=None, compare=False, repr=False)
+    # time.monotonic() by which the job is answered, retries included (None: the batch's
+    # call to Classifier.classify sets one, request_timeout_s from then).
+    deadline: float | None = field(default=None, compare=False, repr=False)
+
+
+def replica_failed(exc: Exception) -> bool:
+    """A replica died or went unreachable under a call (Ray's errors, or Serve's own for a
+    dead upstream of a chained call), as opposed to a full queue (BackPressureError), which
+    a retry would only make fuller."""
+    return isinstance(exc, RayError | RayServeException) and not isinstance(exc, BackPressureError)
+
+
+class ReplicaUnavailable(ApiError):
+    """No replica answered within the request's deadline (a lost node, replicas starting
+    again): 503 with Retry-After. The client's input was fine; a retry gets its result."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503, "unavailable", "no model replica answered in time; retry later", RETRY_AFTER_S
+        )
 
 
 async def first_answer(full: Awaitable[ItemOutcome], early: asyncio.Future) -> ItemOutcome:
     """The early answer (an input error) if it comes first, else the full outcome; the
     batch goes on either way (its other items, the stored record)."""
     task = asyncio.ensure_future(full)
-    done, _ = await asyncio.wait({task, early}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({task, early}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the client went away: so does its place in the queue
+        task.cancel()
+        raise
     if task in done:
         early.cancel()
         return task.result()
@@ -97,7 +125,7 @@ class Classifier:
         # Single-image requests that wait together share one trip through the pipeline: a
         # Ray call costs more CPU than preprocessing a small JPEG, so hops are paid per batch.
         self.gatherer = Gatherer(
-            self.classify, cfg.batch.max_batch_size, cfg.ingress_batches, isolate=(RayError,)
+            self.classify, cfg.batch.max_batch_size, cfg.ingress_batches, isolate=replica_failed
         )
 
     async def one(
@@ -111,33 +139,88 @@ class Classifier:
         """One image, gathered with whatever waits beside it; a rejected input is answered
         as soon as its preprocessing fails."""
         early = asyncio.get_running_loop().create_future()
-        job = Job(data, new_request_id(), explain, tenant, study_uid, display=display, early=early)
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        job = Job(
+            data,
+            new_request_id(),
+            explain,
+            tenant,
+            study_uid,
+            display=display,
+            early=early,
+            deadline=deadline,
+        )
         return await first_answer(self.gatherer.submit(job), early)
 
     async def classify(self, jobs: Sequence[Job]) -> list[ItemOutcome]:
         """One outcome per job, in order. Chunks of batch.max_batch_size images run
-        concurrently: one is preprocessed while another is in the backbones."""
+        concurrently: one is preprocessed while another is in the backbones. Every chunk
+        ends by the jobs' deadline (else 503 ReplicaUnavailable)."""
         size = self.cfg.batch.max_batch_size
+        deadline = min(
+            (job.deadline for job in jobs if job.deadline is not None),
+            default=time.monotonic() + self.cfg.request_timeout_s,
+        )
         chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-        outs = await asyncio.gather(*(self._classify_chunk(chunk) for chunk in chunks))
+        outs = await asyncio.gather(*(self._classify_chunk(chunk, deadline) for chunk in chunks))
         return [outcome for out in outs for outcome in out]
 
-    async def _classify_chunk(self, jobs: Sequence[Job]) -> list[ItemOutcome]:
+    async def _classify_chunk(self, jobs: Sequence[Job], deadline: float) -> list[ItemOutcome]:
         started = time.perf_counter()
-        d = self.deployments
-        prepared = d.preprocessor.remote([j.data for j in jobs], [j.display for j in jobs])
-        logits = [handle.remote(prepared) for handle in d.backbones.values()]
-        fused = d.fusion.remote([job.request_id for job in jobs], prepared, *logits)
-        if any(job.early is not None for job in jobs):
-            # The batch's own outcome per item (zero-copy from the object store): rejected
-            # items are answered now, while the others are in the backbones.
-            batch = await prepared
-            for job, item in zip(jobs, batch.items, strict=True):
-                if isinstance(item, InputError) and job.early and not job.early.done():
-                    job.early.set_result(item)
-        outcomes = await fused
+        try:
+            prepared, outcomes = await self._through_deployments(jobs, deadline)
+        except Exception as exc:
+            if not replica_failed(exc):
+                raise
+            # A replica died or went unreachable under this batch (a lost node, a crash):
+            # once more, within the same deadline. Serve routes it to a live replica, or
+            # holds it until one is up (a restarted node) and the deadline answers 503.
+            log.warning("batch failed on a replica (%s); retrying once", type(exc).__name__)
+            metrics().replica_failures.inc(tags={"outcome": "retried"})
+            prepared, outcomes = await self._through_deployments(jobs, deadline)
         metrics().stage_latency.observe(time.perf_counter() - started, tags={"stage": "total"})
         return await self._keep(jobs, prepared, outcomes)
+
+    async def _through_deployments(
+        self, jobs: Sequence[Job], deadline: float
+    ) -> tuple[Batch, list[ItemOutcome]]:
+        """Preprocessor -> both Backbones -> Fusion, bounded by `deadline` (time.monotonic);
+        every call still running when it fails or runs out of time is cancelled, so no
+        replica slot outlives its request."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            metrics().replica_failures.inc(tags={"outcome": "unavailable"})
+            raise ReplicaUnavailable()
+        d = self.deployments
+        calls: list[DeploymentResponse] = []
+        try:
+            async with asyncio.timeout(remaining):
+                prepared = d.preprocessor.remote([j.data for j in jobs], [j.display for j in jobs])
+                branches = [handle.remote(prepared) for handle in d.backbones.values()]
+                calls += [prepared, *branches]
+                if any(job.early is not None for job in jobs):
+                    # The batch's own outcome per item (zero-copy from the object store):
+                    # rejected items are answered now, while the others are in the backbones.
+                    batch = await prepared
+                    for job, item in zip(jobs, batch.items, strict=True):
+                        if isinstance(item, InputError) and job.early and not job.early.done():
+                            job.early.set_result(item)
+                # The logits (a few floats per image) come here before Fusion is called, so
+                # Fusion's call depends on no backbone: a backbone lost mid-call fails this
+                # await, and the retry above, instead of a Fusion call that Ray 2.60's router
+                # re-routes without end (100 warnings a second) while its upstream is
+                # unreachable.
+                logits = await asyncio.gather(*branches)
+                fused = d.fusion.remote([job.request_id for job in jobs], prepared, *logits)
+                calls.append(fused)
+                return prepared, await fused
+        except BaseException as exc:
+            for call in calls:
+                call.cancel()  # best effort; a finished call is left as it is
+            if isinstance(exc, TimeoutError):
+                metrics().replica_failures.inc(tags={"outcome": "unavailable"})
+                raise ReplicaUnavailable() from None
+            raise
 
     async def _keep(
         self, jobs: Sequence[Job], prepared: Batch, outcomes: Sequence[ItemOutcome]
@@ -237,13 +320,12 @@ class Classifier:
         m = metrics()
         m.explanation_queue.set(len(self._explanations))
         for attempt in (1, 2):  # one retry covers an Explainer replica that died mid-way
+            call = self.deployments.explainer.remote(explanation_id, prepared, index, target)
             try:
-                await asyncio.wait_for(
-                    self.deployments.explainer.remote(explanation_id, prepared, index, target),
-                    self.cfg.explanation_timeout_s,
-                )
+                await asyncio.wait_for(call, self.cfg.explanation_timeout_s)
                 break
             except Exception as exc:  # any failure of a remote call: record it, never hang
+                call.cancel()  # a timed-out call must not hold the Explainer's one slot
                 log.warning("explanation attempt %d failed: %s", attempt, type(exc).__name__)
                 if attempt == 2:
                     await self.store.fail_explanation(explanation_id, type(exc).__name__)

@@ -11,7 +11,6 @@ import time
 from ray import serve
 
 from orthovision.model.pipeline import Prepared, PreparedBatch
-from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -19,13 +18,14 @@ from serve.runtime import (
     forward_thread,
     limit_cpu_threads,
     may_use_cuda,
+    replica_setup,
 )
 from serve.store import LayerKind, open_store
 
 
 class Explainer:
     def __init__(self, config: dict) -> None:
-        confine_replica_grpc()
+        replica_setup()
         self.cfg = config_from(config)
         threads, niceness = 1, 0
         if not may_use_cuda(self.cfg.serve.device):

@@ -17,14 +17,13 @@ from orthovision.model.pipeline import (
     assemble_prediction,
 )
 from serve.clinical import encode_display, encode_model_input
-from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
-from serve.runtime import checkpoint_path, config_from
+from serve.runtime import checkpoint_path, config_from, replica_setup
 
 
 class Fusion:
     def __init__(self, config: dict) -> None:
-        confine_replica_grpc()
+        replica_setup()
         cfg = config_from(config)
         head = load_fusion_head(checkpoint_path(cfg), expected_preprocess=cfg.preprocess)
         self.card = head.card

@@ -6,8 +6,11 @@ waits for its slot with a batch of one. Here a batch is formed when a slot frees
 service sends a request at once (no timer, no added latency), a busy one sends everything
 that queued meanwhile, up to `max_size`. A *full* batch never waits for a slot: it cannot
 grow, and holding it back would hide the load from the deployments behind (their
-autoscaling counts ongoing calls). A batch that fails with one of `isolate`'s errors
-(a replica crashed on some item) is retried item by item, so one poison input fails alone.
+autoscaling counts ongoing calls). A batch that fails with an error `isolate` accepts
+(a replica crashed on some item) is retried item by item, all at once, so one poison input
+fails alone and the others do not wait behind it. A request whose caller went away leaves
+the queue: no batch slot is spent on an answer nobody reads. A slot comes back when its
+batch ends, so `run` must end (serve/classify.py bounds every call by a deadline).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class Gatherer(Generic[T, R]):
         run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
         max_size: int,
         slots: int,
-        isolate: tuple[type[BaseException], ...] = (),
+        isolate: Callable[[Exception], bool] = lambda _exc: False,
     ) -> None:
         self._run, self.max_size, self._free, self._isolate = run, max_size, slots, isolate
         self._queue: list[tuple[T, asyncio.Future]] = []
@@ -35,9 +38,15 @@ class Gatherer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """The result for `item`, computed in a batch with whatever queued beside it."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        entry = (item, future)
+        self._queue.append(entry)
         self._dispatch()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Not sent yet: nobody will read its answer. (By identity: items may compare equal.)
+            self._queue = [queued for queued in self._queue if queued is not entry]
+            raise
 
     def _dispatch(self) -> None:
         while self._queue and (self._free > 0 or len(self._queue) >= self.max_size):
@@ -59,9 +68,9 @@ class Gatherer(Generic[T, R]):
         try:
             results = await self._run([item for item, _ in batch])
         except Exception as exc:  # every caller of the batch gets the error...
-            if len(batch) > 1 and isinstance(exc, self._isolate):
-                for one in batch:  # ...unless a replica died on some item: find which
-                    await self._settle([one])
+            if len(batch) > 1 and self._isolate(exc):
+                # ...unless a replica died on some item: find which
+                await asyncio.gather(*(self._settle([one]) for one in batch))
                 return
             for _, future in batch:
                 if not future.done():

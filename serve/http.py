@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,9 +57,12 @@ def error_response(
 class ApiError(Exception):
     """An error answer raised by a helper, so the route need not thread it back."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after_s: int | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.retry_after_s = retry_after_s
 
 
 def answer(outcome: ItemOutcome) -> JSONResponse:
@@ -85,7 +88,7 @@ def batch_body(names: Sequence[str], ids: Sequence[str], outcomes: Sequence[Item
 
 # ---- exception handlers ------------------------------------------------------------------
 async def _api_error(_req: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.retry_after_s)
 
 
 async def _auth_error(_req: Request, exc: AuthError) -> JSONResponse:
@@ -119,7 +122,7 @@ async def _store_down(_req: Request, _exc: StoreUnavailable) -> JSONResponse:
     return error_response(503, "store_unavailable", "result store unavailable; retry later", 5)
 
 
-async def _replica_failure(_req: Request, exc: RayError) -> JSONResponse:
+async def _replica_failure(_req: Request, exc: RayError | RayServeException) -> JSONResponse:
     # A replica died or timed out mid-request: the client's input was fine, so retry later.
     log.warning("downstream replica failure: %s", type(exc).__name__)
     return error_response(503, "unavailable", "a model replica failed; retry later", 2)
@@ -135,6 +138,7 @@ HANDLERS = {
     BackPressureError: _overloaded,
     StoreUnavailable: _store_down,
     RayError: _replica_failure,
+    RayServeException: _replica_failure,  # a dead upstream of a chained call; not a full queue
 }
 
 

@@ -31,11 +31,10 @@ from serve.admission import Admission, Overloaded
 from serve.auth import Authenticator
 from serve.classify import Classifier, Deployments, Job
 from serve.http import ERRORS, ApiError, error_response
-from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
 from serve.patients import PatientKeys
 from serve.records import EXPLANATION_ROUTE, Records, explanation_response, sweep_forever
-from serve.runtime import config_from
+from serve.runtime import config_from, replica_setup
 from serve.store import open_store
 
 log = logging.getLogger("ray.serve")
@@ -117,7 +116,7 @@ class Ingress:
         explainer: DeploymentHandle,
         config: dict,
     ) -> None:
-        confine_replica_grpc()
+        replica_setup()
         self.cfg = config_from(config)
         s = self.cfg.serve
         self.deployments = Deployments(preprocessor, backbones, fusion, explainer)

@@ -45,6 +45,12 @@ class Metrics:
             boundaries=LATENCY_BOUNDARIES_S,
             tag_keys=("stage",),
         )
+        self.replica_failures = Counter(
+            "orthovision_replica_failures_total",
+            description="Batches whose replica died or went unreachable mid-call, by what "
+            "happened next (retried; unavailable: answered 503 at the request's deadline).",
+            tag_keys=("outcome",),
+        )
         self.explanation_queue = Gauge(
             "orthovision_explanations_pending",
             description="Explanations queued or running, seen from this ingress replica.",

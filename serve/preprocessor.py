@@ -13,16 +13,15 @@ from orthovision.errors import InputError, UndecodableImage
 from orthovision.imaging.display import display_png
 from orthovision.imaging.preprocess import Preprocessor as PixelPreprocessor
 from orthovision.model.pipeline import Prepared, PreparedBatch, prepare
-from serve.loopback import confine_replica_grpc
 from serve.metrics import metrics
-from serve.runtime import config_from, limit_cpu_threads
+from serve.runtime import config_from, limit_cpu_threads, replica_setup
 
 log = logging.getLogger("ray.serve")
 
 
 class Preprocessor:
     def __init__(self, config: dict) -> None:
-        confine_replica_grpc()
+        replica_setup()
         self.cfg = config_from(config)
         limit_cpu_threads(self.cfg.serve.preprocessor.num_cpus)
         self.preprocessor = PixelPreprocessor(self.cfg.preprocess)

@@ -10,6 +10,16 @@ from pathlib import Path
 
 from orthovision.config import OrthoVisionConfig
 from orthovision.paths import checkpoint_dir
+from serve import replica_logs
+from serve.loopback import confine_replica_grpc
+
+
+def replica_setup() -> None:
+    """What every deployment's constructor does first: keep the replica's gRPC server on
+    loopback in local mode (serve/loopback.py), and log replica states once, not per
+    retry (serve/replica_logs.py)."""
+    confine_replica_grpc()
+    replica_logs.install()
 
 
 def config_from(config: dict | OrthoVisionConfig) -> OrthoVisionConfig:

@@ -12,6 +12,7 @@ import yaml
 
 from orthovision.config import DeploymentConfig, OrthoVisionConfig
 from orthovision.paths import project_path
+from serve import autoscaling
 
 # Custom Ray resources that steer placement: each Ray node (a KubeRay worker group, or a
 # `ray start --resources` node) advertises one of them, and each deployment asks for one
@@ -54,6 +55,10 @@ def deployment_options(d: DeploymentConfig) -> dict:
             "target_ongoing_requests": d.target_ongoing_requests,
             "upscale_delay_s": d.upscale_delay_s,
             "downscale_delay_s": d.downscale_delay_s,
+            "policy": {
+                "policy_function": autoscaling.POLICY_PATH,
+                "policy_kwargs": {"scale_down_below": d.scale_down_below},
+            },
         }
     else:
         opts["num_replicas"] = d.min_replicas

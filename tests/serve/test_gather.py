@@ -67,7 +67,7 @@ def test_crashed_batch_is_retried_item_by_item() -> None:
     async def main() -> None:
         pipe = Pipeline()
         pipe.release.clear()
-        gatherer = Gatherer(pipe, max_size=8, slots=1, isolate=(Crash,))
+        gatherer = Gatherer(pipe, max_size=8, slots=1, isolate=lambda e: isinstance(e, Crash))
         busy = asyncio.create_task(gatherer.submit(100))
         await asyncio.sleep(0)
         queued = [asyncio.create_task(gatherer.submit(i)) for i in (1, -1, 3)]
@@ -86,7 +86,7 @@ def test_other_errors_fail_the_whole_batch_once() -> None:
     async def main() -> None:
         pipe = Pipeline()
         pipe.release.clear()
-        gatherer = Gatherer(pipe, max_size=8, slots=1, isolate=(Crash,))
+        gatherer = Gatherer(pipe, max_size=8, slots=1, isolate=lambda e: isinstance(e, Crash))
         busy = asyncio.create_task(gatherer.submit(5))
         await asyncio.sleep(0)
         queued = [asyncio.create_task(gatherer.submit(i)) for i in (1, -2)]
@@ -116,5 +116,23 @@ def test_a_departed_caller_does_not_break_its_batch() -> None:
         assert await busy == 0 and await stays == 4
         assert gone.cancelled()
         assert await asyncio.wait_for(gatherer.submit(3), 1) == 6  # the slot came back
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_caller_left_never_travels() -> None:
+    async def main() -> None:
+        pipe = Pipeline()
+        pipe.release.clear()
+        gatherer = Gatherer(pipe, max_size=8, slots=1)
+        busy = asyncio.create_task(gatherer.submit(1))
+        await asyncio.sleep(0)
+        gone, stays = (asyncio.create_task(gatherer.submit(i)) for i in (2, 3))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its client disconnected while it queued
+        await asyncio.sleep(0.01)
+        pipe.release.set()
+        assert await busy == 2 and await stays == 6
+        assert pipe.batches == [[1], [3]]
 
     asyncio.run(main())

@@ -1,5 +1,7 @@
-"""Scale-out on this machine (make test-slow): a real two-node Ray cluster survives losing a
-node with no request lost, and Serve autoscaling goes up under load and back down after.
+"""Scale-out on this machine (make test-slow): a real two-node Ray cluster loses its model
+node and comes back to full speed with no request lost (idle, and with a CPU burner beside
+it), and Serve autoscaling scales the saturated stage first, never steps down under a
+constant load, and comes back to the minimum after it.
 
 Both start `ray start` nodes of their own on loopback (bench.raycluster) and stop them;
 the printed figures are the ones docs/OPERATIONS.md quotes.
@@ -18,24 +20,36 @@ pytestmark = [
 ]
 
 
-def test_losing_the_model_node_loses_no_request_after_retries():
+@pytest.mark.parametrize("burn", [0, 1], ids=["idle", "cpu-burner-beside"])
+def test_losing_the_model_node_comes_back_to_full_speed(burn):
     from bench.multinode import run
 
-    result = run(requests=160, concurrency=4, kill_after=40, down_s=3.0)
+    result = run(concurrency=4, kill_after_s=40, down_s=3.0, window_s=60, burn=burn)
     assert result["backbones_on_model_node"], "backbones must run on the second node"
-    assert result["failed_attempts"] > 0, "the kill must have hurt, or the test shows nothing"
     assert result["lost_after_retries"] == 0
+    assert result["http_500"] == 0
     assert result["succeeded"] == result["requests_sent"]
-    assert result["time_to_recover_s"] is not None and result["time_to_recover_s"] < 180
+    assert result["time_to_recover_s"] is not None and result["time_to_recover_s"] <= 90
+    # Full speed, not a limp: the minute after the backbones are back serves >= 80% of the
+    # rate before the kill (issue 21: 4 images a minute instead of ~40, before the fix).
+    assert result["throughput_ratio"] is not None and result["throughput_ratio"] >= 0.8
+    # One line per replica state, not one per retry (94,424 lines in 15 min, before).
+    assert result["unavailable_log_lines"] < 100
 
 
-def test_preprocessor_and_a_backbone_scale_up_under_load_and_back_down():
+@pytest.mark.parametrize("burn", [0, 1], ids=["idle", "cpu-burner-beside"])
+def test_the_saturated_stage_scales_first_holds_under_load_and_comes_back(burn):
     from bench.autoscale import WATCHED, run
 
-    result = run(concurrency=12, max_requests=3000)
-    peak = result["peak_replicas"]
-    assert peak["Preprocessor"] >= 2
-    assert max(peak[n] for n in WATCHED if n.startswith("Backbone")) >= 2
-    last = result["samples"][-1]
-    assert last["phase"] == "idle" and all(last[n] == 1 for n in WATCHED), last
+    result = run(concurrency=12, burn=burn)
+    # Reported, not asserted: which stage is the bottleneck depends on the machine.
+    print("saturated:", result["saturated"], result["busy_per_replica_before_first_scale"])
+    assert result["first_scaled"], "nothing scaled under a load that saturates a stage"
+    assert result["saturated"] in result["first_scaled"], (
+        "the first deployment to scale must be the most saturated one"
+    )
+    assert result["down_steps_under_load"] == [], "a replica went away under constant load"
+    assert result["all_back_to_min"], result["samples"][-1]
+    assert all(result["samples"][-1][n] == 1 for n in WATCHED)
     assert result["lost_after_retries"] == 0
+    assert result["http_500"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,5 +43,7 @@ def test_decoder_fuzz_short_budget(tmp_path):
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    assert f"Done {runs} runs" in log
+    # libFuzzer may count one run more than asked (seen: "Done 3001 runs" for -runs=3000).
+    done = re.search(r"Done (\d+) runs", log)
+    assert done and int(done.group(1)) >= runs, log[-3000:]
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
