@@ -1,18 +1,18 @@
 """Serve autoscaling under a constant load, on this machine: `python -m bench.autoscale`.
 
 One `ray start` node on loopback (bench.raycluster), the app with the Preprocessor (1..3) and
-each Backbone (1..2) autoscaled by the project's policy (serve/autoscaling.py: the same
-target for every stage, one batch per replica, and hysteresis on the way down), fractional
-CPUs that fit 2 cores, short delays. A constant closed-loop load (12 retrying clients, the
+each Backbone (1..2) autoscaled by the project's policy (serve/autoscaling.py: on how busy
+each stage's replicas are, with hysteresis on the way down), fractional CPUs that fit 2
+cores, 10 s / 15 s delays. A constant closed-loop load (12 retrying clients, the
 full-size shared radiograph) runs until the replica counts have held still for `hold_s`
 after the first scale-up (at least `min_load_s`, at most `load_cap_s`), then stops; counts
 from serve.status() are sampled every second, and go on being sampled until every
 deployment is back at its minimum.
 
-Which stage saturated is measured apart from the autoscaler: each stage's busy time (the
-sum of its `orthovision_stage_latency_seconds`, from the node's Prometheus export) per
-replica-second while the load ran at the starting replica counts. The last line is
-`RESULT {json}`.
+Which stage saturated is measured apart from the autoscaler's own input: each stage's busy
+time as its latency metric counts it (the sum of `orthovision_stage_latency_seconds`, from
+the node's Prometheus export) per replica-second, while the load ran at the starting counts.
+The last line is `RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ BUSY_METRIC = "ray_orthovision_stage_latency_seconds_sum"
 
 def autoscaling_config(http_port: int) -> OrthoVisionConfig:
     """Fits 2 cores at max: 0.1 + 3x0.2 + 2x2x0.3 + 0.05 + 0.05 = 2.0 CPUs."""
-    # One batch per replica is the target of every stage: the stage that holds the batches
-    # longest is the bottleneck, and it alone scales (serve/autoscaling.py).
+    # The Preprocessor and Backbones scale on how busy they are (serve/busy.py: 70% of each
+    # replica's time); the up-step waits out the seconds in which the pipeline fills.
     scaled = {
         "min_replicas": 1,
-        "target_ongoing_requests": 1.0,
-        "upscale_delay_s": 2.0,
+        "target_busy": 0.7,
+        "upscale_delay_s": 10.0,
         "downscale_delay_s": 15.0,
     }
     return OrthoVisionConfig(
@@ -136,7 +136,7 @@ def run(
     with cpu_burners(burn), cluster([head]):
         url = deploy(cfg, head.address)
         metrics_url = f"http://{head.ip}:{head.metrics_port}/metrics"
-        client = RetryingClient(url, body, budget_s=60)
+        client = RetryingClient(url, body)
         t0 = time.monotonic()
 
         def sample(phase: str) -> dict:

@@ -128,6 +128,9 @@ class DeploymentConfig(_Strict):
     # Hysteresis (serve/autoscaling.py): scale down only to replicas that would each run at
     # or below this fraction of the target, so a constant load never loses a replica.
     scale_down_below: float = Field(0.5, gt=0, lt=1)
+    # Pipeline stages that report their busy time (Preprocessor, Backbones) scale to keep
+    # each replica working this fraction of the time (serve/busy.py).
+    target_busy: float = Field(0.7, gt=0, le=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(8, ge=1)

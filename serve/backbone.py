@@ -11,6 +11,7 @@ from ray import serve
 
 from orthovision.model.engine import OnnxEngine
 from orthovision.model.pipeline import PreparedBatch
+from serve.busy import BusyMeter
 from serve.metrics import metrics
 from serve.runtime import (
     checkpoint_path,
@@ -46,6 +47,11 @@ class Backbone:
         self.reconfigure(cfg.serve.batch.model_dump())
         self.forwards.submit(self._warm_up, cfg.serve.batch.max_batch_size).result()
         self.ready_since = time.time()
+        self.busy = BusyMeter()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling stat: how busy this replica's forwards were."""
+        return self.busy.stats()
 
     def reconfigure(self, user_config: dict) -> None:
         """Batch knobs from user_config, applied without a restart."""
@@ -90,9 +96,10 @@ class Backbone:
 
     def _infer_chunked(self, pixels: np.ndarray) -> np.ndarray:
         size = self.max_batch_size
-        return np.concatenate(
-            [self.engine(pixels[i : i + size]) for i in range(0, len(pixels), size)]
-        )
+        with self.busy.working():
+            return np.concatenate(
+                [self.engine(pixels[i : i + size]) for i in range(0, len(pixels), size)]
+            )
 
 
 def torch_engine(cfg, branch: str, threads: int):

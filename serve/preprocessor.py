@@ -13,6 +13,7 @@ from orthovision.errors import InputError, UndecodableImage
 from orthovision.imaging.display import display_png
 from orthovision.imaging.preprocess import Preprocessor as PixelPreprocessor
 from orthovision.model.pipeline import Prepared, PreparedBatch, prepare
+from serve.busy import BusyMeter
 from serve.metrics import metrics
 from serve.runtime import config_from, limit_cpu_threads, replica_setup
 
@@ -25,6 +26,11 @@ class Preprocessor:
         self.cfg = config_from(config)
         limit_cpu_threads(self.cfg.serve.preprocessor.num_cpus)
         self.preprocessor = PixelPreprocessor(self.cfg.preprocess)
+        self.busy = BusyMeter()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom autoscaling stat: how busy this replica was (serve/busy.py)."""
+        return self.busy.stats()
 
     async def __call__(
         self, images: list[bytes], displays: list[bool] | None = None
@@ -40,6 +46,10 @@ class Preprocessor:
         return batch
 
     def _prepare_all(self, images: list[bytes], displays: list[bool]) -> PreparedBatch:
+        with self.busy.working():
+            return self._prepare_each(images, displays)
+
+    def _prepare_each(self, images: list[bytes], displays: list[bool]) -> PreparedBatch:
         items = []
         for data, display in zip(images, displays, strict=True):
             item = self._prepare_one(data)

@@ -57,7 +57,10 @@ def deployment_options(d: DeploymentConfig) -> dict:
             "downscale_delay_s": d.downscale_delay_s,
             "policy": {
                 "policy_function": autoscaling.POLICY_PATH,
-                "policy_kwargs": {"scale_down_below": d.scale_down_below},
+                "policy_kwargs": {
+                    "scale_down_below": d.scale_down_below,
+                    "target_busy": d.target_busy,
+                },
             },
         }
     else:

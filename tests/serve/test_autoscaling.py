@@ -9,17 +9,22 @@ from types import SimpleNamespace
 import pytest
 
 from orthovision.config import DeploymentConfig
-from serve.autoscaling import POLICY_PATH, Hysteresis, desired_replicas
+from serve.autoscaling import BUSY_STAT, POLICY_PATH, Hysteresis, desired_replicas
+from serve.busy import BusyMeter
 from serve.manifests.serve_config import deployment_options
 
 
-def context(current: int, ongoing: float, target: float = 1.0) -> SimpleNamespace:
+def context(
+    current: int, ongoing: float, target: float = 1.0, busy: list[float] | None = None
+) -> SimpleNamespace:
     """The fields of Ray's AutoscalingContext the policy reads."""
     config = SimpleNamespace(get_target_ongoing_requests=lambda: target)
+    stats = {BUSY_STAT: {f"replica{i}": b for i, b in enumerate(busy)}} if busy else {}
     return SimpleNamespace(
         current_num_replicas=current,
         target_num_replicas=current,
         total_num_requests=ongoing,
+        aggregated_metrics=stats,
         config=config,
     )
 
@@ -52,6 +57,32 @@ def test_the_flapping_trace_of_issue_22_holds_at_two() -> None:
     assert policy(context(current=2, ongoing=0.0))[0] == 0  # the load stopped
 
 
+def test_a_stage_that_reports_busy_time_scales_on_it_not_on_waiting_calls() -> None:
+    policy = Hysteresis(scale_down_below=0.5, target_busy=0.7)
+    # Two calls ongoing but the replica works 18% of the time: not the bottleneck.
+    assert policy(context(current=1, ongoing=2.0, busy=[0.18]))[0] == 1
+    # One call ongoing and the replica works all the time: it is.
+    assert policy(context(current=1, ongoing=1.0, busy=[1.0]))[0] == 2
+    # Two replicas sharing that work (0.5 each): held, not stepped down.
+    assert policy(context(current=2, ongoing=1.0, busy=[0.5, 0.5]))[0] == 2
+    assert policy(context(current=2, ongoing=0.0, busy=[0.05, 0.05]))[0] == 1
+
+
+def test_busy_meter_integrates_work_in_progress() -> None:
+    now = [0.0]
+    meter = BusyMeter(clock=lambda: now[0])
+    with meter.working():
+        now[0] = 1.0
+        with meter.working():  # a second call at once counts twice
+            now[0] = 2.0
+        now[0] = 3.0
+        assert meter.take() == pytest.approx(4.0 / 3.0)  # in progress: counted so far
+        now[0] = 4.0
+    now[0] = 6.0
+    assert meter.take() == pytest.approx(1.0 / 3.0)
+    assert meter.stats() == {BUSY_STAT: 0.0}
+
+
 def test_target_counts() -> None:
     policy = Hysteresis()
     assert policy(context(current=1, ongoing=3.0, target=2.0))[0] == 2
@@ -62,7 +93,10 @@ def test_rendered_autoscaling_config_names_the_policy() -> None:
         DeploymentConfig(min_replicas=1, max_replicas=4, scale_down_below=0.4)
     )
     policy = options["autoscaling_config"]["policy"]
-    assert policy == {"policy_function": POLICY_PATH, "policy_kwargs": {"scale_down_below": 0.4}}
+    assert policy == {
+        "policy_function": POLICY_PATH,
+        "policy_kwargs": {"scale_down_below": 0.4, "target_busy": 0.7},
+    }
     # Ray's own schema accepts it and loads the class from its import path.
     from ray.serve.config import AutoscalingConfig
 

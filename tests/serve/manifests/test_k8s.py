@@ -236,6 +236,13 @@ def test_serve_config_has_a_ray_native_deployments_list():
         assert backbone.user_config == preset("gpu").serve.batch.model_dump(mode="json")
     assert by_name["Fusion"].user_config["abstain_threshold"] == 0.5
     assert by_name["Preprocessor"].autoscaling_config["min_replicas"] == 2
+    # Every autoscaled deployment scales by the project's policy (serve/autoscaling.py).
+    scaled = [d for d in app.deployments if d.autoscaling_config]
+    assert len(scaled) >= 5
+    for d in scaled:
+        policy = d.autoscaling_config["policy"]
+        assert policy["policy_function"] == "serve.autoscaling:Hysteresis", d.name
+        assert 0 < policy["policy_kwargs"]["scale_down_below"] < 1
 
 
 def test_head_runs_no_replicas_and_the_autoscaler_and_gcs_ft_are_on():
