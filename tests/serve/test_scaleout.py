@@ -3,15 +3,19 @@ node and comes back to full speed with no request lost (idle, and with a CPU bur
 it), and Serve autoscaling scales the saturated stage first, never steps down under a
 constant load, and comes back to the minimum after it.
 
-Both start `ray start` nodes of their own on loopback (bench.raycluster) and stop them;
-the printed figures are the ones docs/OPERATIONS.md quotes.
+Both start `ray start` nodes of their own on loopback (bench.raycluster), from a process of
+their own, and stop them; the printed figures are the ones docs/OPERATIONS.md quotes.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import pytest
+
+from orthovision.paths import PROJECT_ROOT
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,11 +24,26 @@ pytestmark = [
 ]
 
 
+def run_bench(module: str, *args: str) -> dict:
+    """The bench in a process of its own (a Ray driver with no other Ray: the session's
+    live app would otherwise be this process's Ray); its output shown, its RESULT parsed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    print(proc.stdout[-6000:], proc.stderr[-3000:] if proc.returncode else "")
+    assert proc.returncode == 0, f"{module} exited {proc.returncode}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"{module} printed no RESULT"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
 @pytest.mark.parametrize("burn", [0, 1], ids=["idle", "cpu-burner-beside"])
 def test_losing_the_model_node_comes_back_to_full_speed(burn):
-    from bench.multinode import run
-
-    result = run(concurrency=4, kill_after_s=40, down_s=3.0, window_s=60, burn=burn)
+    result = run_bench("bench.multinode", "--kill-after-s", "40", "--burn", str(burn))
     assert result["backbones_on_model_node"], "backbones must run on the second node"
     assert result["lost_after_retries"] == 0
     assert result["http_500"] == 0
@@ -39,9 +58,9 @@ def test_losing_the_model_node_comes_back_to_full_speed(burn):
 
 @pytest.mark.parametrize("burn", [0, 1], ids=["idle", "cpu-burner-beside"])
 def test_the_saturated_stage_scales_first_holds_under_load_and_comes_back(burn):
-    from bench.autoscale import WATCHED, run
+    from bench.autoscale import WATCHED
 
-    result = run(concurrency=12, burn=burn)
+    result = run_bench("bench.autoscale", "--concurrency", "12", "--burn", str(burn))
     # Reported, not asserted: which stage is the bottleneck depends on the machine.
     print("saturated:", result["saturated"], result["busy_per_replica_before_first_scale"])
     assert result["first_scaled"], "nothing scaled under a load that saturates a stage"
