@@ -34,9 +34,13 @@ def run_bench(module: str, *args: str) -> dict:
         text=True,
         timeout=1200,
     )
-    print(proc.stdout[-6000:], proc.stderr[-3000:] if proc.returncode else "")
+    lines = proc.stdout.splitlines()
+    # The figures as the bench prints them (its RESULT line, with every sample, is long).
+    print("\n".join(line for line in lines[-80:] if not line.startswith("RESULT ")))
+    if proc.returncode:
+        print(proc.stderr[-3000:])
     assert proc.returncode == 0, f"{module} exited {proc.returncode}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    lines = [line for line in lines if line.startswith("RESULT ")]
     assert lines, f"{module} printed no RESULT"
     return json.loads(lines[-1].removeprefix("RESULT "))
 
