@@ -64,6 +64,20 @@ def alert_rules(cfg: OrthoVisionConfig, spec: ClusterSpec) -> list[dict]:
                 "runbook": "docs/OPERATIONS.md#replica-crash-loop",
             },
         },
+        {
+            # Requests answered 503 because no replica answered by their deadline: a lost
+            # node that is not coming back, or replicas that cannot start (serve/classify.py).
+            "alert": "OrthoVisionReplicasUnavailable",
+            "expr": (
+                'sum(rate(ray_orthovision_replica_failures_total{outcome="unavailable"}[5m])) > 0'
+            ),
+            "for": "5m",
+            "labels": {"severity": "page"},
+            "annotations": {
+                "summary": "requests answered 503: no model replica answered in time for 5 min",
+                "runbook": "docs/OPERATIONS.md#node-lost",
+            },
+        },
     ]
     for name, d in deployment_configs(cfg).items():
         limit = math.ceil(spec.queue_alert_fraction * d.max_queued_requests)
@@ -279,6 +293,11 @@ def grafana_dashboard(cfg: OrthoVisionConfig) -> dict:
         (
             "Class mix (predictions/s by label)",
             ["sum by (label) (rate(ray_orthovision_predictions_total[5m]))"],
+            "reqps",
+        ),
+        (
+            "Replica failures: batches retried, requests answered 503 (/s)",
+            ["sum by (outcome) (rate(ray_orthovision_replica_failures_total[5m]))"],
             "reqps",
         ),
         (

@@ -336,6 +336,7 @@ def test_alerts_cover_the_slos_with_thresholds_from_the_config():
         "OrthoVisionP99LatencyHigh",
         "OrthoVisionQueueDepthHigh",
         "OrthoVisionReplicasPinnedAtMax",
+        "OrthoVisionReplicasUnavailable",
     } <= names
     for r in rules:
         assert r["expr"].count("(") == r["expr"].count(")"), r["alert"]
@@ -349,7 +350,8 @@ def test_alerts_cover_the_slos_with_thresholds_from_the_config():
 def test_dashboard_shows_what_an_sre_needs_from_metrics_that_exist():
     dashboard = json.loads(TEXTS["grafana-dashboard.json"])
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
-    for topic in ("request rate", "latency", "batch size", "class mix", "rejected", "replicas"):
+    topics = ("request rate", "latency", "batch size", "class mix", "rejected", "replicas")
+    for topic in (*topics, "replica failures"):
         assert topic in titles
     metrics_src = (ROOT / "serve" / "metrics.py").read_text()
     for panel in dashboard["panels"]:
