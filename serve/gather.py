@@ -6,11 +6,12 @@ waits for its slot with a batch of one. Here a batch is formed when a slot frees
 service sends a request at once (no timer, no added latency), a busy one sends everything
 that queued meanwhile, up to `max_size`. A *full* batch never waits for a slot: it cannot
 grow, and holding it back would hide the load from the deployments behind (their
-autoscaling counts ongoing calls). A batch that fails with an error `isolate` accepts
-(a replica crashed on some item) is retried item by item, all at once, so one poison input
-fails alone and the others do not wait behind it. A request whose caller went away leaves
-the queue: no batch slot is spent on an answer nobody reads. A slot comes back when its
-batch ends, so `run` must end (serve/classify.py bounds every call by a deadline).
+autoscaling sees only the work that reaches them). A batch that fails with an error
+`isolate` accepts (a replica crashed on some item) is retried item by item, all at once, so
+one poison input fails alone and the others do not wait behind it. A request whose caller
+went away leaves the queue: no batch slot is spent on an answer nobody reads. A slot comes
+back when its batch ends, so `run` must end (serve/classify.py bounds every call by a
+deadline).
 """
 
 from __future__ import annotations
