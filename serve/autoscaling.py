@@ -6,9 +6,10 @@ seconds of work per second (serve/busy.py, through Ray Serve's `record_autoscali
 averaged over the look-back period). The stage that works all the time is the bottleneck on
 this machine and the one that scales: the Preprocessor on a fast CPU with full-size
 radiographs, the backbones on a slow one. Ray's own signal, ongoing calls per replica, also
-counts calls that only wait (measured: the Preprocessor held batches while busy 18% of the
-time, and scaled first, while ResNet-18 was busy 104%); it remains the signal of the
-deployments that report no busy time (ingress, Fusion, Explainer).
+counts calls that only wait (measured with `python -m bench.autoscale` on the 2-vCPU AMD
+EPYC box: the Preprocessor scaled first on it while busy 23% of its time, ResNet-18 85%;
+docs/CHANGELOG.md); it remains the signal of the deployments that report no busy time
+(ingress, Fusion, Explainer).
 
 Up: enough replicas for the load at the target (`target_busy` of each replica's time, or
 `target_ongoing_requests`). Down, the hysteresis Ray's default lacks (a backbone went

@@ -24,7 +24,7 @@ from orthovision.model.pipeline import Classified, ItemOutcome, Prepared, Prepar
 from serve import clinical, studies
 from serve.auth import LOCAL_TENANT
 from serve.gather import Gatherer
-from serve.http import ApiError, new_request_id
+from serve.http import REPLICA_RETRY_AFTER_S, ApiError, new_request_id
 from serve.metrics import metrics
 from serve.records import explanation_url
 
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
     from serve.store import ResultStore, StudyEntry
 
 log = logging.getLogger("ray.serve")
-# What a 503 for a lost replica asks the client to wait: Serve replaces a dead replica in
-# seconds when its node is up (docs/OPERATIONS.md: node loss).
-RETRY_AFTER_S = 2
 # A preprocessed batch, or the Preprocessor's response that brings it (Ray resolves it).
 Batch = PreparedBatch | DeploymentResponse
 
@@ -77,7 +74,10 @@ class ReplicaUnavailable(ApiError):
 
     def __init__(self) -> None:
         super().__init__(
-            503, "unavailable", "no model replica answered in time; retry later", RETRY_AFTER_S
+            503,
+            "unavailable",
+            "no model replica answered in time; retry later",
+            REPLICA_RETRY_AFTER_S,
         )
 
 
@@ -187,13 +187,11 @@ class Classifier:
         """Preprocessor -> both Backbones -> Fusion, bounded by `deadline` (time.monotonic);
         every call still running when it fails or runs out of time is cancelled, so no
         replica slot outlives its request."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            metrics().replica_failures.inc(tags={"outcome": "unavailable"})
-            raise ReplicaUnavailable()
         d = self.deployments
         calls: list[DeploymentResponse] = []
         try:
+            if (remaining := deadline - time.monotonic()) <= 0:
+                raise TimeoutError  # the first attempt spent it all: no call is made
             async with asyncio.timeout(remaining):
                 prepared = d.preprocessor.remote([j.data for j in jobs], [j.display for j in jobs])
                 branches = [handle.remote(prepared) for handle in d.backbones.values()]

@@ -36,6 +36,9 @@ log = logging.getLogger("ray.serve")
 
 # OpenAPI error responses of the routes that take an upload.
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 503)}
+# What a 503 for a failed or lost replica asks the client to wait: Serve replaces a dead
+# replica in seconds when its node is up (docs/OPERATIONS.md: node lost).
+REPLICA_RETRY_AFTER_S = 2
 # Request ids are uuid4 hex (new_request_id); anything else is not looked up.
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9-]{8,64}")
 
@@ -125,7 +128,9 @@ async def _store_down(_req: Request, _exc: StoreUnavailable) -> JSONResponse:
 async def _replica_failure(_req: Request, exc: RayError | RayServeException) -> JSONResponse:
     # A replica died or timed out mid-request: the client's input was fine, so retry later.
     log.warning("downstream replica failure: %s", type(exc).__name__)
-    return error_response(503, "unavailable", "a model replica failed; retry later", 2)
+    return error_response(
+        503, "unavailable", "a model replica failed; retry later", REPLICA_RETRY_AFTER_S
+    )
 
 
 HANDLERS = {
